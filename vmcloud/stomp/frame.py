@@ -1,0 +1,24 @@
+"""A STOMP frame as plain data, shared by the broker, the controller and the guest agent."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+
+
+@attrs.frozen
+class Frame:
+    """One STOMP frame.
+
+    Headers are decoded text (escapes already undone); when a header is repeated on the wire only
+    the first occurrence is kept, as the spec says.  The body is bytes end to end, never text, so
+    binary payloads (FILE_PUT) and NUL bytes survive.
+    """
+
+    command: str
+    headers: Mapping[str, str] = attrs.field(factory=dict, converter=dict)
+    body: bytes = b""
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self.headers.get(name, default)
