@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything vmcloud needs on a fresh Debian machine, as root: the system packages, then
+# vmcloud itself (editable, with its test tools) into ./.venv.  Safe to run again; a second run with
+# nothing changed takes a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=()
+command -v ip >/dev/null 2>&1 || packages+=(iproute2)
+command -v bridge >/dev/null 2>&1 || packages+=(iproute2)
+command -v setsid >/dev/null 2>&1 || packages+=(util-linux)
+command -v curl >/dev/null 2>&1 || packages+=(curl)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || packages+=(python3-venv)
+if [ ${#packages[@]} -gt 0 ]; then
+    echo "install.sh: installing system packages: ${packages[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+stamp=.venv/.vmcloud-installed
+want=$(cat setup.py pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "install.sh: installing vmcloud and its Python dependencies into .venv"
+    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" \
+        --config-settings editable_mode=compat
+    echo "$want" > "$stamp"
+fi
+# twistd caches plugin discovery; a stale cache from another checkout would hide ours.
+rm -f twisted/plugins/dropin.cache

@@ -1,0 +1,227 @@
+"""The controller's configuration: an INI file and command-line flags turned into one frozen record.
+
+Parsing is a pure function of text and flags so that tests (and ``--check-config``) can exercise every
+rule without a reactor, a file system or the environment.  Precedence: flags > file > defaults.
+Unknown sections and keys are errors: a typo in a config file must not silently fall back to a
+default an operator did not choose.
+"""
+
+from __future__ import annotations
+
+import configparser
+from collections.abc import Mapping
+
+import attrs
+
+DEFAULT_API = "tcp:8080:interface=127.0.0.1"
+DEFAULT_STOMP = "tcp:61613:interface=127.0.0.1"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the section and key."""
+
+
+@attrs.frozen
+class ApiConfig:
+    listen: str = DEFAULT_API
+    token: str = ""
+    cors_origins: tuple[str, ...] = ("*",)
+    static_dir: str = ""  # empty: the static/ folder shipped with vmcloud
+    long_poll_default: float = 5.0
+
+
+@attrs.frozen
+class BrokerConfig:
+    listen: str = DEFAULT_STOMP
+    external: str = ""  # client endpoint of an external broker; empty: embedded
+    login: str = ""  # the controller's credentials (on the external broker, or for the embedded one)
+    passcode: str = ""
+    users: Mapping[str, str] = attrs.field(factory=dict)  # operator users
+    guest_login: str = ""  # shared guest credentials on an external broker
+    guest_passcode: str = ""
+    guest_broker: str = ""  # broker address told to guests; empty: derived from the listener
+    anonymous_guests: str = "auto"  # auto | yes | no
+
+
+@attrs.frozen
+class PoolSettings:
+    driver: str = "local"
+    prefix: str = "vmcloud-vm-"
+    controller_name: str = ""  # empty: the host name
+    max_pool_size: int = 30
+    state_dir: str = "./state"
+    beacon_interval: float = 5.0
+    timeout_boot: float = 240.0
+    timeout_update: float = 20.0
+    timeout_operation: float = 30.0
+    timeout_cloud: float = 10.0
+    poll_interval: float = 5.0
+    events_per_handle: int = 1000
+    cloud_threads: int = 4
+
+
+@attrs.frozen
+class LocalSettings:
+    max_vms: int = 8
+    netns: str = "auto"  # auto | yes | no
+    subnet: str = "10.251.0.0/24"
+    bridge: str = "vmcbr0"
+
+
+@attrs.frozen
+class Config:
+    api: ApiConfig = ApiConfig()
+    broker: BrokerConfig = BrokerConfig()
+    pool: PoolSettings = PoolSettings()
+    local: LocalSettings = LocalSettings()
+    nova: Mapping[str, str] = attrs.field(factory=dict)  # handed to NovaConfig.from_sources as is
+
+
+NOVA_KEYS = frozenset(
+    {
+        "auth_url",
+        "username",
+        "password",
+        "project_name",
+        "user_domain_name",
+        "project_domain_name",
+        "region_name",
+        "application_credential_id",
+        "application_credential_secret",
+        "token",
+        "image",
+        "flavor",
+        "network",
+        "key_name",
+        "security_groups",
+        "microversion",
+        "endpoint_override",
+        "timeout",
+        "floating_ip_pool",
+        "insecure",
+    }
+)
+
+_SECTIONS: dict[str, type] = {
+    "api": ApiConfig,
+    "broker": BrokerConfig,
+    "pool": PoolSettings,
+    "local": LocalSettings,
+}
+
+#: Flag name -> (section, key): the flags of ``twistd vmcloud`` that override the file.
+FLAG_KEYS: dict[str, tuple[str, str]] = {
+    "api": ("api", "listen"),
+    "stomp": ("broker", "listen"),
+    "state-dir": ("pool", "state_dir"),
+    "driver": ("pool", "driver"),
+}
+
+
+def _coerce(section: str, key: str, raw: str, default: object) -> object:
+    value = raw.strip()
+    where = f"[{section}] {key}"
+    if isinstance(default, bool):
+        if value.lower() in ("1", "yes", "true", "on"):
+            return True
+        if value.lower() in ("0", "no", "false", "off"):
+            return False
+        raise ConfigError(f"{where}: expected yes or no, got {value!r}")
+    if isinstance(default, int):
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}") from None
+        if number < 0:
+            raise ConfigError(f"{where}: must not be negative, got {number}")
+        return number
+    if isinstance(default, float):
+        try:
+            real = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number of seconds, got {value!r}") from None
+        if real <= 0:
+            raise ConfigError(f"{where}: must be positive, got {real}")
+        return real
+    if isinstance(default, tuple):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(default, Mapping):
+        users: dict[str, str] = {}
+        for entry in (part.strip() for part in value.split(",")):
+            if not entry:
+                continue
+            name, sep, password = entry.partition(":")
+            if not sep or not name.strip() or not password:
+                raise ConfigError(f"{where}: expected name:password entries, got {entry.split(':')[0]!r}")
+            users[name.strip()] = password
+        return users
+    return value
+
+
+def _build_section(section: str, values: Mapping[str, str]) -> object:
+    record = _SECTIONS[section]
+    defaults = record()
+    fields = {field.name for field in attrs.fields(record)}
+    kwargs: dict[str, object] = {}
+    for key, raw in values.items():
+        if key not in fields:
+            raise ConfigError(f"[{section}] {key}: unknown key (known: {', '.join(sorted(fields))})")
+        kwargs[key] = _coerce(section, key, raw, getattr(defaults, key))
+    return record(**kwargs)
+
+
+def parse_config(text: str | None, flags: Mapping[str, str | None] | None = None) -> Config:
+    """Build the configuration from the file's text (None: no file) and the flags that were given."""
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    if text:
+        try:
+            parser.read_string(text)
+        except configparser.Error as e:
+            raise ConfigError(f"config file: {e.message}") from None
+    sections: dict[str, dict[str, str]] = {name: {} for name in (*_SECTIONS, "nova")}
+    for name in parser.sections():
+        if name not in sections:
+            raise ConfigError(f"[{name}]: unknown section (known: {', '.join(sorted(sections))})")
+        sections[name].update(parser.items(name))
+    for flag, value in (flags or {}).items():
+        if value is None:
+            continue
+        if flag not in FLAG_KEYS:
+            raise ConfigError(f"--{flag}: not a configuration flag")
+        section, key = FLAG_KEYS[flag]
+        sections[section][key] = value
+    for key in sections["nova"]:
+        if key not in NOVA_KEYS:
+            raise ConfigError(f"[nova] {key}: unknown key (known: {', '.join(sorted(NOVA_KEYS))})")
+    built = {name: _build_section(name, values) for name, values in sections.items() if name in _SECTIONS}
+    config = Config(nova={k: v.strip() for k, v in sections["nova"].items() if v.strip()}, **built)  # type: ignore[arg-type]
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    if config.pool.driver not in ("local", "nova"):
+        raise ConfigError(f"[pool] driver: expected local or nova, got {config.pool.driver!r}")
+    if config.broker.anonymous_guests not in ("auto", "yes", "no"):
+        raise ConfigError("[broker] anonymous_guests: expected auto, yes or no")
+    if config.local.netns not in ("auto", "yes", "no"):
+        raise ConfigError("[local] netns: expected auto, yes or no")
+    if not config.pool.prefix:
+        raise ConfigError("[pool] prefix: must not be empty (it is what marks our servers in the cloud)")
+    if config.pool.max_pool_size < 1:
+        raise ConfigError("[pool] max_pool_size: must be at least 1")
+    if config.broker.external and config.broker.guest_login == "":
+        raise ConfigError("[broker] guest_login: needed with an external broker (guests share it there)")
+
+
+def listens_on_loopback_only(description: str) -> bool:
+    """Whether a strports server description binds to the loopback interface only."""
+    parts = description.split(":")
+    if parts[0] == "unix":
+        return True
+    for part in parts[1:]:
+        if part.startswith("interface="):
+            interface = part.removeprefix("interface=")
+            return interface.startswith("127.") or interface in ("::1", "localhost")
+    return False

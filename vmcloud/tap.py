@@ -1,0 +1,333 @@
+"""The composition root of ``twistd vmcloud``: the only place that reads files, the environment, the reactor.
+
+Everything below receives its collaborators (clock, driver, store, dispatcher) as arguments; this
+module builds the service tree from a :class:`~vmcloud.config.Config` in start order:
+
+1. thread pools (cloud calls, checkpoint writes),
+2. the broker (embedded, or a client session to an external one) and the guest channel,
+3. the cloud driver,
+4. the pool (restores the checkpoint, reconciles),
+5. the HTTP API listener.
+
+They stop in reverse: the API closes first, then the pool drains, then the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from twisted.application import strports
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Site
+
+from vmcloud.config import DEFAULT_API, Config, ConfigError, listens_on_loopback_only, parse_config
+from vmcloud.pool.interfaces import BootRequest
+from vmcloud.service import SequentialMultiService
+
+log = Logger()
+
+T = TypeVar("T")
+
+
+class Options(usage.Options):
+    """``twistd vmcloud [--config FILE] [--api STRPORT] [--stomp STRPORT] [--state-dir DIR] [--driver D]``."""
+
+    optParameters = [
+        ["config", "c", None, "INI configuration file (see etc/vmcloud.conf); flags override it"],
+        ["api", None, None, f"HTTP API listener, a strports description (default {DEFAULT_API})"],
+        ["stomp", None, None, "embedded STOMP broker listener (default tcp:61613:interface=127.0.0.1)"],
+        ["state-dir", None, None, "where checkpoint.json and driver state live (default ./state)"],
+        ["driver", None, None, "cloud driver: local or nova (default local)"],
+    ]
+
+    def postOptions(self) -> None:  # noqa: N802 - Twisted's name
+        text = None
+        if self["config"]:
+            try:
+                text = FilePath(self["config"]).getContent().decode("utf-8")
+            except OSError as e:
+                raise usage.UsageError(f"cannot read config file {self['config']}: {e.strerror}") from None
+        flags = {name: self[name] for name in ("api", "stomp", "state-dir", "driver")}
+        try:
+            self.config = parse_config(text, flags)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class ThreadPoolService(Service):
+    """A dedicated, bounded thread pool that lives exactly as long as the daemon.
+
+    Blocking libraries (python-novaclient, file fsyncs) run here rather than on the reactor's own
+    pool, which DNS resolution shares.
+    """
+
+    def __init__(self, reactor: Any, name: str, size: int) -> None:
+        self.setName(name)
+        self._reactor = reactor
+        self.pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
+
+    def dispatch(self, fn: Callable[[], T]) -> Deferred[T]:
+        return deferToThreadPool(self._reactor, self.pool, fn)
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        super().stopService()
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.pool.stop)
+
+
+def guest_broker_address(listen: str) -> str:
+    """The client endpoint guests should use for a broker listening on ``listen``."""
+    parts = listen.split(":")
+    if parts[0] != "tcp" or len(parts) < 2:
+        raise ConfigError(f"[broker] guest_broker: cannot derive it from listen = {listen}; set it")
+    host = "127.0.0.1"
+    for part in parts[2:]:
+        if part.startswith("interface="):
+            host = part.removeprefix("interface=")
+    if host in ("0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"tcp:{host}:{parts[1]}"
+
+
+def guest_agent_argv(request: BootRequest, broker: str, user_data: str) -> list[str]:
+    """The command line of a local VM's guest agent (secrets travel in the user-data file)."""
+    return [
+        sys.executable,
+        "-m",
+        "twisted",
+        "--nodaemon",
+        "--pidfile=",
+        "vmcloud-guest",
+        "--broker",
+        broker,
+        "--user-data",
+        user_data,
+    ]
+
+
+class _Startup(Service):
+    """Runs an async start-up step (driver preparation, checkpoint restore) before the next services."""
+
+    def __init__(self, name: str, step: Callable[[], Any]) -> None:
+        self.setName(name)
+        self._step = step
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        d = Deferred.fromCoroutine(self._step())
+        d.addErrback(lambda f: log.failure("start-up step {name} failed", f, name=self.name))
+
+
+def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -> IService:
+    """The whole controller's service tree for ``config``; nothing is started yet."""
+    from vmcloud.api.app import make_api
+    from vmcloud.pool.service import PoolConfig, PoolService
+    from vmcloud.store.checkpoint import CheckpointStore
+    from vmcloud.words.channel import GuestChannel
+
+    clock: IReactorTime = reactor
+    root = SequentialMultiService()
+    state_dir = FilePath(os.path.abspath(config.pool.state_dir))
+    state_dir.makedirs(ignoreExistingDirectory=True)
+    controller_name = config.pool.controller_name or socket.gethostname()
+
+    cloud_threads = ThreadPoolService(reactor, "vmcloud-cloud", config.pool.cloud_threads)
+    cloud_threads.setServiceParent(root)
+    store_threads = ThreadPoolService(reactor, "vmcloud-checkpoint", 1)
+    store_threads.setServiceParent(root)
+    store = CheckpointStore(state_dir.child("checkpoint.json"), dispatch=store_threads.dispatch, clock=clock)
+
+    # ---- broker and guest channel
+    if config.broker.external:
+        from vmcloud.stomp.client import ReconnectingSession
+
+        session_service = ReconnectingSession(
+            reactor,
+            config.broker.external,
+            login=config.broker.login,
+            passcode=config.broker.passcode,
+        )
+        session_service.setServiceParent(root)
+        session: Any = session_service
+        credentials: Any = _SharedGuestCredentials(config.broker.guest_login, config.broker.guest_passcode)
+        guest_broker = config.broker.guest_broker or config.broker.external
+    else:
+        from vmcloud.broker import Broker
+
+        anonymous = {
+            "yes": True,
+            "no": False,
+            "auto": listens_on_loopback_only(config.broker.listen),
+        }[config.broker.anonymous_guests]
+        broker = Broker(
+            clock,
+            controller_login=config.broker.login or "vmcloud-controller",
+            controller_passcode=config.broker.passcode or secrets.token_urlsafe(24),
+            operators=config.broker.users,
+            anonymous_guests=anonymous,
+        )
+        strports.service(config.broker.listen, broker.factory()).setServiceParent(root)
+        session = broker.attach_local("controller")
+        credentials = broker.credentials
+        guest_broker = config.broker.guest_broker or guest_broker_address(config.broker.listen)
+        log.info(
+            "embedded STOMP broker on {listen}; anonymous guests {anonymous}",
+            listen=config.broker.listen,
+            anonymous="allowed (loopback only)" if anonymous else "refused",
+        )
+
+    channel = GuestChannel(
+        clock,
+        session,
+        credentials=credentials,
+        guest_broker=guest_broker,
+        beacon_timeout=config.pool.timeout_update,
+    )
+    if IService.providedBy(channel):
+        channel.setServiceParent(root)
+
+    # ---- cloud driver
+    driver: Any
+    if config.pool.driver == "nova":
+        from vmcloud.drivers.nova import NovaConfig, NovaDriver
+
+        driver = NovaDriver(
+            NovaConfig.from_sources(config.nova, environ),
+            prefix=config.pool.prefix,
+            dispatch=cloud_threads.dispatch,
+            clock=clock,
+            controller_name=controller_name,
+        )
+    else:
+        from vmcloud.drivers.local import LocalDriver
+
+        netns = {"yes": True, "no": False, "auto": None}[config.local.netns]
+        driver = LocalDriver(
+            reactor,
+            prefix=config.pool.prefix,
+            state_dir=state_dir,
+            max_vms=config.local.max_vms,
+            netns=netns,
+            agent_argv=guest_agent_argv,
+            broker_port=_port_of(config.broker.listen),
+            subnet=config.local.subnet,
+            bridge=config.local.bridge,
+        )
+
+        async def prepare_local() -> None:
+            await driver.prepare()
+            interface = driver.broker_listen_interface()
+            if interface is not None and not config.broker.external:
+                port = _port_of(config.broker.listen)
+                listener = strports.service(f"tcp:{port}:interface={interface}", broker.factory())
+                listener.setServiceParent(root)
+                log.info(
+                    "guests in namespaces reach the broker on {interface}:{port}",
+                    interface=interface,
+                    port=port,
+                )
+
+        _Startup("local-driver", prepare_local).setServiceParent(root)
+
+    # ---- pool
+    pool = PoolService(
+        clock,
+        driver,
+        channel,
+        store,
+        PoolConfig(
+            prefix=config.pool.prefix,
+            controller_name=controller_name,
+            max_pool_size=config.pool.max_pool_size,
+            beacon_interval=config.pool.beacon_interval,
+            timeout_boot=config.pool.timeout_boot,
+            timeout_update=config.pool.timeout_update,
+            timeout_operation=config.pool.timeout_operation,
+            timeout_cloud=config.pool.timeout_cloud,
+            poll_interval=config.pool.poll_interval,
+            events_per_handle=config.pool.events_per_handle,
+            long_poll_default=config.api.long_poll_default,
+        ),
+    )
+    pool.setServiceParent(root)
+
+    # ---- HTTP API
+    token = config.api.token or None
+    listen = config.api.listen
+    if token is None and not listens_on_loopback_only(listen):
+        raise ConfigError(
+            f"[api] listen = {listen} is reachable from other hosts but no [api] token is set; "
+            "set a token or listen on 127.0.0.1"
+        )
+    if token is None:
+        log.warn("no API token configured: the API is open to local users only ({listen})", listen=listen)
+    static_dir = FilePath(config.api.static_dir) if config.api.static_dir else _shipped_static()
+    app = make_api(
+        pool,
+        token=token,
+        cors_origins=config.api.cors_origins,
+        static_dir=static_dir,
+        long_poll_default=config.api.long_poll_default,
+    )
+    strports.service(listen, Site(app.resource())).setServiceParent(root)
+    return root
+
+
+class _SharedGuestCredentials:
+    """On an external broker every guest logs in with the same configured account."""
+
+    def __init__(self, login: str, passcode: str) -> None:
+        self._login = login
+        self._passcode = passcode
+
+    def mint(self, vmid: str) -> tuple[str, str]:
+        return self._login, self._passcode
+
+    def revoke(self, vmid: str) -> None:
+        pass
+
+
+def _port_of(description: str) -> int:
+    try:
+        return int(description.split(":")[1])
+    except (IndexError, ValueError):
+        raise ConfigError(f"cannot find a port in {description!r}") from None
+
+
+def _shipped_static() -> FilePath[str]:
+    here = FilePath(__file__).parent().parent()
+    for candidate in (here.child("static"), FilePath(sys.prefix).descendant(["share", "vmcloud", "static"])):
+        if candidate.isdir():
+            return candidate
+    return here.child("static")
+
+
+def makeService(options: Options) -> IService:  # noqa: N802 - twistd's name
+    from twisted.internet import reactor
+
+    _raise_file_limit()
+    return build_controller(reactor, options.config, os.environ)
+
+
+def _raise_file_limit() -> None:
+    """Every guest holds a connection; the default 1024 descriptors cap the pool far too low."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
