@@ -7,6 +7,11 @@ from collections.abc import Mapping
 import attrs
 
 
+def _header_dict(headers: Mapping[str, str]) -> dict[str, str]:
+    """A private copy of the headers, so a frame never changes behind its holder's back."""
+    return dict(headers)
+
+
 @attrs.frozen
 class Frame:
     """One STOMP frame.
@@ -17,7 +22,7 @@ class Frame:
     """
 
     command: str
-    headers: Mapping[str, str] = attrs.field(factory=dict, converter=dict)
+    headers: Mapping[str, str] = attrs.field(factory=dict, converter=_header_dict)
     body: bytes = b""
 
     def get(self, name: str, default: str | None = None) -> str | None:

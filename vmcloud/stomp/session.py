@@ -16,11 +16,11 @@ from vmcloud.stomp.frame import Frame
 class IStompSession(Interface):
     """Send and subscribe on a connected STOMP session."""
 
-    def send(destination: str, body: bytes, headers: Mapping[str, str] = {}) -> None:
+    def send(destination: str, body: bytes, headers: Mapping[str, str] = {}) -> None:  # noqa: N805
         """Send a message; user headers travel to the MESSAGE unchanged."""
 
-    def subscribe(destination: str, on_message: Callable[[Frame], None]) -> str:
+    def subscribe(destination: str, on_message: Callable[[Frame], None]) -> str:  # noqa: N805
         """Subscribe (ack mode auto); ``on_message`` gets every MESSAGE frame; returns the id."""
 
-    def unsubscribe(subscription_id: str) -> None:
+    def unsubscribe(subscription_id: str) -> None:  # noqa: N805
         """Stop a subscription."""

@@ -1,0 +1,330 @@
+"""A sans-IO, bytes-level, incremental STOMP 1.0/1.1/1.2 codec.
+
+Bytes go in, :class:`~vmcloud.stomp.frame.Frame` records come out; nothing here touches a socket,
+a reactor or a clock, so the broker, the controller's client and the guest agent share it and test
+it with plain bytes.  stomper cannot be used on the receive path (it destroys bodies and chokes on
+heart-beats, see STOMP.md), hence this module.
+
+The decoder is strict where a broker facing misbehaving guests must be (bad escapes, limits,
+content-length/NUL mismatch raise :class:`ProtocolError`) and lenient where real clients deviate
+harmlessly: stomper's ``DISCONNECT`` without a blank line, EOLs after the NUL, CRLF line endings,
+raw colons in values (split at the first colon), repeated headers (the first one wins) and, in
+1.0, spaces around values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+
+from vmcloud.stomp.frame import Frame
+
+#: Every version this codec speaks, lowest first.
+VERSIONS = ("1.0", "1.1", "1.2")
+
+#: Frames whose headers are never escaped, whatever the version (the spec exempts them because
+#: the version is not known yet when they travel).
+UNESCAPED_COMMANDS = frozenset({"CONNECT", "CONNECTED", "STOMP"})
+
+#: The only frames the spec lets carry a body; the encoder always gives them a content-length.
+BODY_COMMANDS = frozenset({"SEND", "MESSAGE", "ERROR"})
+
+_UNESCAPE_11 = {ord("n"): "\n", ord("c"): ":", ord("\\"): "\\"}
+_UNESCAPE_12 = {**_UNESCAPE_11, ord("r"): "\r"}
+_ESCAPE_11 = str.maketrans({"\\": "\\\\", "\n": "\\n", ":": "\\c"})
+_ESCAPE_12 = str.maketrans({"\\": "\\\\", "\n": "\\n", ":": "\\c", "\r": "\\r"})
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not STOMP, or broke a limit.
+
+    ``message`` is short and safe to put in an ERROR frame's ``message`` header; the connection
+    that produced it cannot be trusted to stay in sync and must be closed.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@attrs.frozen
+class Limits:
+    """Bounds on what one peer may make the decoder buffer.
+
+    A decoder never holds more than about ``max_headers * max_header_line + max_body`` bytes of
+    one unfinished frame, whatever the peer sends.
+    """
+
+    #: Header lines per frame (the command line does not count).
+    max_headers: int = 64
+    #: Bytes in one header line or command line, escapes included, EOL excluded.
+    max_header_line: int = 32 * 1024
+    #: Bytes of one body; FILE_PUT of a 5 MB file fits with room to spare.
+    max_body: int = 16 * 1024 * 1024
+
+
+_HEAD, _HEADERS, _BODY = 0, 1, 2
+
+
+class Decoder:
+    """Turns a byte stream into frames, across any split of the stream into reads.
+
+    ``version`` decides how header values are decoded; the owner sets it once the version is
+    negotiated (a fresh decoder assumes 1.2, which is what CONNECT frames are parsed with, and
+    CONNECT/CONNECTED/STOMP are never unescaped anyway).
+    """
+
+    def __init__(self, limits: Limits = Limits()) -> None:
+        self.limits = limits
+        self.version = "1.2"
+        #: Total bytes fed so far, heart-beat EOLs included: liveness for heart-beat checks.
+        self.bytes_received = 0
+        self._buf = bytearray()
+        self._pos = 0  # start of the unparsed part of _buf
+        self._scan = 0  # where the search for the body's NUL resumes
+        self._state = _HEAD
+        self._command = ""
+        self._headers: dict[str, str] = {}
+        self._header_count = 0
+        self._length: int | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Raw bytes held, not yet parsed, of a frame that is not complete (0 between frames)."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add bytes from the peer; return the frames they complete, in stream order.
+
+        Raises :class:`ProtocolError` for malformed input; the decoder is unusable afterwards.
+        """
+        self.bytes_received += len(data)
+        buf = self._buf
+        buf += data
+        frames: list[Frame] = []
+        try:
+            while True:
+                if self._state == _HEAD and not self._skip_eols_and_read_command():
+                    break
+                if self._state == _HEADERS:
+                    done = self._read_headers()
+                    if done is None:
+                        break
+                    if done:  # NUL ended the header block (stomper's DISCONNECT)
+                        frames.append(self._finish(b""))
+                        continue
+                body = self._read_body()
+                if body is None:
+                    break
+                frames.append(self._finish(body))
+        finally:
+            if self._pos:
+                del buf[: self._pos]
+                self._scan -= self._pos
+                self._pos = 0
+        return frames
+
+    # -- states
+
+    def _skip_eols_and_read_command(self) -> bool:
+        buf, pos = self._buf, self._pos
+        end = len(buf)
+        while pos < end:
+            byte = buf[pos]
+            if byte == 0x0A:
+                pos += 1
+            elif byte == 0x0D:
+                if pos + 1 == end:
+                    break
+                if buf[pos + 1] != 0x0A:
+                    raise ProtocolError("bare CR between frames")
+                pos += 2
+            else:
+                break
+        self._pos = pos
+        if pos == end:
+            return False
+        line = self._line()
+        if line is None:
+            return False
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            raise ProtocolError("empty command")
+        self._command = _text(line, "command")
+        self._headers = {}
+        self._header_count = 0
+        self._length = None
+        self._state = _HEADERS
+        return True
+
+    def _read_headers(self) -> bool | None:
+        """Parse header lines; True: NUL ended the frame; False: body follows; None: need bytes."""
+        limits = self.limits
+        command = self._command
+        escaped = self.version != "1.0" and command not in UNESCAPED_COMMANDS
+        strip_cr = self.version == "1.2" or command in UNESCAPED_COMMANDS
+        unescape = _UNESCAPE_12 if self.version == "1.2" else _UNESCAPE_11
+        while True:
+            if self._pos < len(self._buf) and self._buf[self._pos] == 0:
+                self._pos += 1
+                return True
+            line = self._line()
+            if line is None:
+                return None
+            if line.endswith(b"\r") and (strip_cr or len(line) == 1):
+                line = line[:-1]
+            if not line:
+                self._state = _BODY
+                self._scan = self._pos
+                return False
+            self._header_count += 1
+            if self._header_count > limits.max_headers:
+                raise ProtocolError(f"more than {limits.max_headers} headers")
+            text = _text(line, "header")
+            colon = text.find(":")
+            if colon <= 0:
+                raise ProtocolError("header line without a name and a colon")
+            name = text[:colon]
+            value = text[colon + 1 :]
+            if escaped:
+                name = _unescape(name, unescape)
+                value = _unescape(value, unescape)
+            elif self.version == "1.0" and command not in UNESCAPED_COMMANDS:
+                value = value.strip()
+            if name not in self._headers:
+                self._headers[name] = value
+                if name == "content-length":
+                    self._length = _content_length(value, limits.max_body)
+
+    def _read_body(self) -> bytes | None:
+        buf, pos = self._buf, self._pos
+        length = self._length
+        if length is not None:
+            if len(buf) - pos < length + 1:
+                return None
+            if buf[pos + length] != 0:
+                raise ProtocolError("body longer than its content-length (no NUL after it)")
+            body = bytes(buf[pos : pos + length])
+            self._pos = pos + length + 1
+            return body
+        nul = buf.find(b"\x00", self._scan)
+        if nul < 0:
+            self._scan = len(buf)
+            if len(buf) - pos > self.limits.max_body:
+                raise ProtocolError(f"body larger than {self.limits.max_body} bytes")
+            return None
+        if nul - pos > self.limits.max_body:
+            raise ProtocolError(f"body larger than {self.limits.max_body} bytes")
+        body = bytes(buf[pos:nul])
+        self._pos = nul + 1
+        return body
+
+    def _finish(self, body: bytes) -> Frame:
+        self._state = _HEAD
+        return Frame(self._command, self._headers, body)
+
+    def _line(self) -> bytes | None:
+        """The next line (without its LF) from the buffer, or None until it is complete.
+
+        A NUL inside a header line means the peer lost track of framing: fail fast instead of
+        waiting for an LF that may never come.
+        """
+        buf, pos = self._buf, self._pos
+        limit = self.limits.max_header_line
+        lf = buf.find(b"\n", pos, pos + limit + 2)
+        if lf < 0:
+            if len(buf) - pos > limit + 1:
+                raise ProtocolError(f"header line longer than {limit} bytes")
+            if buf.find(b"\x00", pos) >= 0:
+                raise ProtocolError("NUL inside a header line")
+            return None
+        line = bytes(buf[pos:lf])
+        if len(line) > limit + (1 if line.endswith(b"\r") else 0):
+            raise ProtocolError(f"header line longer than {limit} bytes")
+        if b"\x00" in line:
+            raise ProtocolError("NUL inside a header line")
+        self._pos = lf + 1
+        return line
+
+
+def _text(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{what} is not UTF-8") from None
+
+
+def _unescape(text: str, table: Mapping[int, str]) -> str:
+    if "\\" not in text:
+        return text
+    out: list[str] = []
+    i, end = 0, len(text)
+    while i < end:
+        backslash = text.find("\\", i)
+        if backslash < 0:
+            out.append(text[i:])
+            break
+        out.append(text[i:backslash])
+        if backslash + 1 == end:
+            raise ProtocolError("header ends in a lone backslash")
+        replacement = table.get(ord(text[backslash + 1]))
+        if replacement is None:
+            raise ProtocolError(f"undefined escape sequence \\{text[backslash + 1]}")
+        out.append(replacement)
+        i = backslash + 2
+    return "".join(out)
+
+
+def _content_length(value: str, max_body: int) -> int:
+    text = value.strip()
+    if not text.isascii() or not text.isdigit():
+        raise ProtocolError("content-length is not a non-negative integer")
+    length = int(text)
+    if length > max_body:
+        raise ProtocolError(f"body larger than {max_body} bytes")
+    return length
+
+
+def encode(frame: Frame, version: str = "1.2") -> bytes:
+    """The wire bytes of ``frame`` for a peer speaking ``version``.
+
+    Headers are escaped as the version requires (never in CONNECT/CONNECTED/STOMP, never in 1.0).
+    A ``content-length`` matching the body replaces any given one whenever there is a body and
+    on every SEND/MESSAGE/ERROR, so bodies with NUL bytes are safe.  Raises :class:`ValueError`
+    for a header the version cannot represent (a newline in a 1.0 or CONNECT header, for example).
+    """
+    command = frame.command
+    if not command or any(c in command for c in "\r\n\x00:"):
+        raise ValueError(f"not a STOMP command: {command!r}")
+    escaped = version != "1.0" and command not in UNESCAPED_COMMANDS
+    table = _ESCAPE_12 if version == "1.2" else _ESCAPE_11
+    body = frame.body
+    with_length = bool(body) or command in BODY_COMMANDS
+    parts = [command]
+    for name, value in frame.headers.items():
+        if not name:
+            raise ValueError("empty header name")
+        if with_length and name == "content-length":
+            continue
+        if escaped:
+            name = name.translate(table)
+            value = value.translate(table)
+        else:
+            if ":" in name or "\n" in name or "\r" in name:
+                raise ValueError(f"header name {name!r} cannot travel unescaped")
+            if "\n" in value or "\r" in value:
+                raise ValueError(f"header {name!r} has a line break and cannot travel unescaped")
+        if "\x00" in name or "\x00" in value:
+            raise ValueError(f"header {name!r} contains NUL")
+        parts.append(f"{name}:{value}")
+    if with_length:
+        parts.append(f"content-length:{len(body)}")
+    parts.append("")
+    parts.append("")
+    return "\n".join(parts).encode("utf-8") + body + b"\x00"
+
+
+#: One heart-beat: a single EOL between frames.
+HEARTBEAT = b"\n"
