@@ -34,3 +34,9 @@ def identity_from_mac(mac: str) -> str:
 def is_controller_destination(destination: str) -> bool:
     """Whether a guest may send to ``destination``."""
     return destination == CONTROLLER or destination.startswith(CONTROLLER + ".")
+
+
+#: Header the embedded broker stamps on every message a guest sends, with the STOMP login the guest
+#: authenticated with (replacing any value the guest wrote).  The controller trusts it over the
+#: ``identity`` a guest claims; external brokers do not set it, and then the claim is all there is.
+LOGIN_HEADER = "vmcloud-login"

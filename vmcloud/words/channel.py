@@ -1,0 +1,353 @@
+"""The controller's end of the guest channel: the registry of guests, and calls that await answers.
+
+:class:`GuestChannel` implements :class:`~vmcloud.pool.interfaces.IGuestChannel` over any
+:class:`~vmcloud.stomp.session.IStompSession` (the embedded broker attached in-process, or a client
+connection to RabbitMQ).  It listens on the CONTROLLER destination, hears what guests say through
+the interpreter, keeps who is there (HELLO, STILL_ALIVE, BYE, silence past ``beacon_timeout`` on
+the injected clock), tells its listeners, and correlates every answer with the request that asked
+for it by ``cmd-id``.  Guests are not trusted: anything malformed is logged with its reason and
+answered with AINT_A_WORD, and the channel lives on.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from vmcloud.pool.interfaces import (
+    GuestCallFailed,
+    GuestCredentials,
+    GuestInfo,
+    IGuestChannel,
+    IGuestListener,
+)
+from vmcloud.stomp.frame import Frame
+from vmcloud.stomp.session import IStompSession
+from vmcloud.words.contexts import Announcement, Answer, IControllerContext
+from vmcloud.words.destinations import CONTROLLER, guest_destination, identity_from_mac
+from vmcloud.words.grammar import MalformedWord, Said, sender_of
+from vmcloud.words.interpreter import Interpreter
+from vmcloud.words.vocabulary import ANSWERS, REQUESTS, controller_words
+
+log = Logger()
+
+
+class CredentialSource(Protocol):
+    """Where per-VM broker credentials come from: the embedded broker, or a fixed shared login."""
+
+    def mint(self, vmid: str) -> tuple[str, str]:
+        """A (login, passcode) for the VM, valid until :meth:`revoke`."""
+        ...
+
+    def revoke(self, vmid: str) -> None:
+        """Invalidate the VM's credentials (and drop its connection, if the broker can)."""
+        ...
+
+
+class SharedGuestLogin:
+    """A :class:`CredentialSource` for external brokers, where every guest uses one configured account."""
+
+    def __init__(self, login: str, passcode: str) -> None:
+        self._login = login
+        self._passcode = passcode
+
+    def mint(self, vmid: str) -> tuple[str, str]:
+        return self._login, self._passcode
+
+    def revoke(self, vmid: str) -> None:
+        pass
+
+
+@attrs.define
+class _PendingCall:
+    identity: str
+    word: str
+    answer_word: str
+    result: Deferred[Mapping[str, Any]]
+
+
+@implementer(IGuestChannel, IControllerContext)
+class GuestChannel(Service):
+    """Keeps the registry of guests and lets the controller say words to them and await answers."""
+
+    name = "guest-channel"
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        session: IStompSession,
+        *,
+        credentials: CredentialSource,
+        guest_broker: str,
+        beacon_timeout: float,
+    ) -> None:
+        if beacon_timeout <= 0:
+            raise ValueError("beacon_timeout must be positive")
+        self._clock = clock
+        self._session = session
+        self._credentials = credentials
+        self._guest_broker = guest_broker
+        self.beacon_timeout = beacon_timeout
+        self._interpreter: Interpreter[IControllerContext] = Interpreter(controller_words(), self)
+        self._listeners: list[IGuestListener] = []
+        self._guests: dict[str, GuestInfo] = {}
+        self._silence: dict[str, IDelayedCall] = {}
+        self._pending: dict[str, _PendingCall] = {}
+        self._logins: dict[str, str] = {}  # vmid -> login minted for it
+        self._subscription: str | None = None
+
+    # ------------------------------------------------------------------ service
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        super().startService()
+        self._subscription = self._session.subscribe(CONTROLLER, self._on_message)
+        log.info("Guest channel listening on {destination}", destination=CONTROLLER)
+
+    def stopService(self) -> None:  # noqa: N802 - Twisted's name
+        super().stopService()
+        if self._subscription is not None:
+            try:
+                self._session.unsubscribe(self._subscription)
+            except Exception:
+                log.failure("Could not unsubscribe from {destination}", destination=CONTROLLER)
+            self._subscription = None
+        for call in self._silence.values():
+            if call.active():
+                call.cancel()
+        self._silence.clear()
+        for cmd_id in list(self._pending):
+            self._fail(cmd_id, "the controller is stopping")
+
+    def _on_message(self, frame: Frame) -> None:
+        self._interpreter.hear(frame)
+
+    # ------------------------------------------------------------------ IGuestChannel
+
+    def add_listener(self, listener: IGuestListener) -> None:
+        self._listeners.append(listener)
+
+    def guests(self) -> Mapping[str, GuestInfo]:
+        return dict(self._guests)
+
+    def mint_credentials(self, vmid: str) -> GuestCredentials:
+        login, passcode = self._credentials.mint(vmid)
+        self._logins[vmid] = login
+        return GuestCredentials(broker=self._guest_broker, login=login, passcode=passcode)
+
+    def revoke_credentials(self, vmid: str) -> None:
+        login = self._logins.pop(vmid, None)
+        self._credentials.revoke(vmid)
+        if login is None or login in self._logins.values():
+            return  # never minted here, or a login shared with other VMs (external broker)
+        for identity, guest in list(self._guests.items()):
+            if guest.login == login:
+                log.info("Forgetting guest {identity}: its credentials were revoked", identity=identity)
+                self._forget(identity, "its credentials were revoked")
+
+    async def call(
+        self, identity: str, word: str, params: Mapping[str, Any], timeout: float
+    ) -> Mapping[str, Any]:
+        request = REQUESTS.get(word)
+        if request is None:
+            raise ValueError(f"{word} is not a request word (known: {', '.join(sorted(REQUESTS))})")
+        try:
+            guest_destination(identity)
+        except ValueError as e:
+            raise GuestCallFailed(str(e)) from None
+        cmd_id = uuid.uuid4().hex
+        try:
+            said = request.from_params(identity, cmd_id, params)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"bad parameters for {word}: {e}") from e
+        result: Deferred[Mapping[str, Any]] = Deferred()
+        self._pending[cmd_id] = _PendingCall(identity, word, ANSWERS[word], result)
+        result.addTimeout(timeout, self._clock)
+        try:
+            self.say(said)
+        except Exception as e:
+            self._pending.pop(cmd_id, None)
+            result.cancel()
+            result.addErrback(lambda _: None)
+            log.failure("Could not say {word} to {identity}", word=word, identity=identity)
+            raise GuestCallFailed(f"could not say {word} to {identity}: {e}") from e
+        log.debug("Said {word} {cmd_id} to {identity}", word=word, cmd_id=cmd_id, identity=identity)
+        try:
+            return await result
+        except DeferredTimeout:
+            raise GuestCallFailed(f"no answer from {identity} to {word} within {timeout:g} s") from None
+        finally:
+            self._pending.pop(cmd_id, None)
+
+    # ------------------------------------------------------------------ IControllerContext
+
+    def say(self, said: Said) -> None:
+        self._session.send(said.destination, said.body, said.headers)
+
+    def speaker(self) -> str | None:
+        return None
+
+    def answer_destination(self, frame: Frame) -> str | None:
+        try:
+            sender = sender_of(frame)
+        except MalformedWord:
+            return None
+        return guest_destination(sender) if sender is not None else None
+
+    def heard_hello(self, announcement: Announcement) -> None:
+        guest = self._register(announcement)
+        log.info(
+            "Guest {identity} registered: ip {ip}, mac {mac}, agent {version}, capabilities {capabilities}",
+            identity=guest.identity,
+            ip=guest.ip,
+            mac=guest.mac,
+            version=guest.agent_version,
+            capabilities=",".join(guest.capabilities),
+            event="guest-hello",
+        )
+        self._tell("guest_hello", guest)
+
+    def heard_beacon(self, announcement: Announcement) -> None:
+        identity, _ = self._identify(announcement)
+        if identity not in self._guests:
+            # The controller restarted while the guest stayed connected (external broker): the
+            # beacon says everything HELLO would.
+            log.info("Beacon from unknown guest {identity}: registering it", identity=identity)
+            self.heard_hello(announcement)
+            return
+        self._register(announcement)
+
+    def heard_bye(self, announcement: Announcement) -> None:
+        identity, _ = self._identify(announcement)
+        if identity not in self._guests:
+            log.info("BYE from unknown guest {identity}", identity=identity)
+            return
+        log.info("Guest {identity} said BYE", identity=identity, event="guest-bye")
+        self._forget(identity, "said BYE")
+        self._tell("guest_gone", identity, "said BYE")
+
+    def heard_answer(self, answer: Answer) -> None:
+        pending = self._pending.get(answer.cmd_id)
+        if pending is None:
+            log.info(
+                "Ignoring {word} {cmd_id} from {sender}: no call waits for it (late or unknown)",
+                word=answer.word,
+                cmd_id=answer.cmd_id,
+                sender=answer.sender,
+                event="stale-answer",
+            )
+            return
+        if answer.sender != pending.identity:
+            log.warn(
+                "Ignoring {word} {cmd_id} from {sender}: the call went to {identity}",
+                word=answer.word,
+                cmd_id=answer.cmd_id,
+                sender=answer.sender,
+                identity=pending.identity,
+                event="misdirected-answer",
+            )
+            return
+        if answer.error is not None:
+            self._fail(answer.cmd_id, f"{pending.identity} could not do {pending.word}: {answer.error}")
+        elif answer.word != pending.answer_word:
+            self._fail(answer.cmd_id, f"{pending.identity} answered {pending.word} with {answer.word}")
+        else:
+            del self._pending[answer.cmd_id]
+            pending.result.callback(answer.value)
+
+    def heard_not_understood(self, cmd_id: str | None, word: str, reason: str, sender: str | None) -> None:
+        pending = self._pending.get(cmd_id) if cmd_id is not None else None
+        if pending is not None and pending.identity == sender:
+            self._fail(cmd_id or "", f"{sender} did not understand {word}: {reason}")
+            return
+        log.warn(
+            "{sender} did not understand {word} (cmd-id {cmd_id}): {reason}",
+            sender=sender or "a guest",
+            word=word,
+            cmd_id=cmd_id,
+            reason=reason,
+        )
+
+    def heard_event(self, sender: str | None, event: Mapping[str, Any]) -> None:
+        if sender is None:
+            log.warn(
+                "Ignoring event {action} from a guest that names no identity", action=event.get("action")
+            )
+            return
+        self._tell("guest_event", sender, event)
+
+    # ------------------------------------------------------------------ registry
+
+    def _identify(self, announcement: Announcement) -> tuple[str, str | None]:
+        """The identity a guest goes by, and the login it authenticated with (if known)."""
+        login = announcement.login
+        if login is None and announcement.identity in self._logins.values():
+            login = announcement.identity
+        if login is not None and announcement.identity not in (None, login):
+            log.warn(
+                "Guest logged in as {login} claims identity {claimed}; it is {login}",
+                login=login,
+                claimed=announcement.identity,
+            )
+        identity = login or announcement.identity
+        if identity is None:
+            assert announcement.mac is not None  # read_announcement guarantees one of the three
+            identity = identity_from_mac(announcement.mac)
+        return identity, login
+
+    def _register(self, announcement: Announcement) -> GuestInfo:
+        identity, login = self._identify(announcement)
+        guest = GuestInfo(
+            identity=identity,
+            login=login,
+            ip=announcement.ip,
+            mac=announcement.mac,
+            agent_version=announcement.agent_version,
+            capabilities=announcement.capabilities,
+            last_beacon=self._clock.seconds(),
+        )
+        self._guests[identity] = guest
+        timer = self._silence.get(identity)
+        if timer is not None and timer.active():
+            timer.reset(self.beacon_timeout)
+        else:
+            self._silence[identity] = self._clock.callLater(self.beacon_timeout, self._silent, identity)
+        return guest
+
+    def _silent(self, identity: str) -> None:
+        self._silence.pop(identity, None)
+        reason = f"silent for more than {self.beacon_timeout:g} s"
+        log.warn("Guest {identity} is gone: {reason}", identity=identity, reason=reason, event="guest-silent")
+        self._forget(identity, reason)
+        self._tell("guest_gone", identity, reason)
+
+    def _forget(self, identity: str, reason: str) -> None:
+        self._guests.pop(identity, None)
+        timer = self._silence.pop(identity, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        for cmd_id, pending in list(self._pending.items()):
+            if pending.identity == identity:
+                self._fail(cmd_id, f"{identity} is gone ({reason}) before answering {pending.word}")
+
+    def _fail(self, cmd_id: str, reason: str) -> None:
+        pending = self._pending.pop(cmd_id, None)
+        if pending is not None and not pending.result.called:
+            pending.result.errback(GuestCallFailed(reason))
+
+    def _tell(self, method: str, *args: Any) -> None:
+        for listener in list(self._listeners):
+            try:
+                getattr(listener, method)(*args)
+            except Exception:
+                log.failure(
+                    "Guest listener {listener!r} failed in {method}", listener=listener, method=method
+                )

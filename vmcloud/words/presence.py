@@ -1,0 +1,130 @@
+"""HELLO, BYE and STILL_ALIVE: how a guest tells the controller it is there, alive, or leaving.
+
+All three carry the same headers (``identity``, ``ip``, ``mac``, ``agent-version``,
+``capabilities``), so that a beacon from a guest the controller does not know yet (the controller
+restarted while the guest stayed connected to an external broker) is enough to register it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from typing import ClassVar
+
+from vmcloud.stomp.frame import Frame
+from vmcloud.words.contexts import Announcement, IControllerContext
+from vmcloud.words.destinations import CONTROLLER, LOGIN_HEADER
+from vmcloud.words.grammar import IDENTITY, MalformedWord, Said, body_of, optional_identity, printable
+
+IP = "ip"
+MAC = "mac"
+AGENT_VERSION = "agent-version"
+CAPABILITIES = "capabilities"
+
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$")
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
+_MAX_CAPABILITIES = 64
+
+
+def _presence(
+    word: str, identity: str, ip: str | None, mac: str | None, agent_version: str, capabilities: Iterable[str]
+) -> Said:
+    headers = {IDENTITY: identity, AGENT_VERSION: agent_version, CAPABILITIES: ",".join(capabilities)}
+    if ip:
+        headers[IP] = ip
+    if mac:
+        headers[MAC] = mac
+    return Said(CONTROLLER, headers, body_of(word))
+
+
+def read_announcement(frame: Frame) -> Announcement:
+    """The guest's description of itself, every field checked (guests are not trusted)."""
+    identity = optional_identity(frame)
+    login = optional_identity(frame, LOGIN_HEADER)
+    ip = frame.get(IP) or None
+    if ip is not None:
+        try:
+            ip = str(ipaddress.ip_address(ip))
+        except ValueError:
+            raise MalformedWord(f"bad {IP} {printable(ip)!r}") from None
+    mac = frame.get(MAC) or None
+    if mac is not None:
+        if not _MAC_RE.match(mac):
+            raise MalformedWord(f"bad {MAC} {printable(mac)!r}")
+        mac = mac.lower().replace("-", ":")
+    version = frame.get(AGENT_VERSION) or "unknown"
+    if not _TOKEN_RE.match(version):
+        raise MalformedWord(f"bad {AGENT_VERSION} {printable(version)!r}")
+    capabilities = tuple(c.strip() for c in (frame.get(CAPABILITIES) or "").split(",") if c.strip())
+    if len(capabilities) > _MAX_CAPABILITIES:
+        raise MalformedWord(f"more than {_MAX_CAPABILITIES} capabilities")
+    for capability in capabilities:
+        if not _TOKEN_RE.match(capability):
+            raise MalformedWord(f"bad capability {printable(capability)!r}")
+    if identity is None and login is None and mac is None:
+        raise MalformedWord("names no identity, login or mac")
+    return Announcement(identity, login, ip, mac, version, capabilities)
+
+
+class Hello:
+    """A guest connected (or reconnected) and is ready for requests."""
+
+    name: ClassVar[str] = "HELLO"
+
+    @classmethod
+    def how_to_say(
+        cls,
+        *,
+        identity: str,
+        ip: str | None,
+        mac: str | None,
+        agent_version: str,
+        capabilities: Iterable[str] = (),
+    ) -> Said:
+        return _presence(cls.name, identity, ip, mac, agent_version, capabilities)
+
+    async def listen_and_act(self, frame: Frame, context: IControllerContext) -> None:
+        context.heard_hello(read_announcement(frame))
+
+
+class Bye:
+    """A guest is stopping cleanly: the controller need not wait for its beacons to stop."""
+
+    name: ClassVar[str] = "BYE"
+
+    @classmethod
+    def how_to_say(
+        cls,
+        *,
+        identity: str,
+        ip: str | None,
+        mac: str | None,
+        agent_version: str,
+        capabilities: Iterable[str] = (),
+    ) -> Said:
+        return _presence(cls.name, identity, ip, mac, agent_version, capabilities)
+
+    async def listen_and_act(self, frame: Frame, context: IControllerContext) -> None:
+        context.heard_bye(read_announcement(frame))
+
+
+class StillAlive:
+    """The beacon, said every beacon interval; silence past the beacon timeout means gone."""
+
+    name: ClassVar[str] = "STILL_ALIVE"
+
+    @classmethod
+    def how_to_say(
+        cls,
+        *,
+        identity: str,
+        ip: str | None,
+        mac: str | None,
+        agent_version: str,
+        capabilities: Iterable[str] = (),
+    ) -> Said:
+        return _presence(cls.name, identity, ip, mac, agent_version, capabilities)
+
+    async def listen_and_act(self, frame: Frame, context: IControllerContext) -> None:
+        context.heard_beacon(read_announcement(frame))
