@@ -1,0 +1,386 @@
+"""The REST API of seed 000 as a Klein app: a thin HTTP skin over :class:`IPoolControl`.
+
+Each route parses its path into typed values, calls one pool method and shapes the answer;
+everything else is shared and done once here: the admin token, CORS for the handle routes, the
+bare-or-JSON id answers and the JSON error shape.  A refused request gets its 4xx JSON and one
+log line; an unexpected exception gets a 500 JSON with a reference, and its traceback goes to
+the log once, never to the client.
+
+The composition root calls :func:`make_api` and serves ``make_api(...).resource()``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+from klein import Klein
+from klein.resource import KleinResource
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import RequestRedirect
+
+from vmcloud.api.access import BearerToken, CorsPolicy
+from vmcloud.api.errors import ApiError, error_body
+from vmcloud.api.inputs import (
+    MAX_BODY_BYTES,
+    homepage_segment,
+    parse_batch_options,
+    parse_count,
+    parse_wait,
+    wants_json,
+)
+from vmcloud.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from vmcloud.api.metrics import render_metrics
+from vmcloud.api.openapi import openapi_document
+from vmcloud.api.static import StaticFiles
+from vmcloud.pool.interfaces import IPoolControl, PoolError
+
+log = Logger(namespace="vmcloud.api")
+
+JSON_TYPE = b"application/json"
+TEXT_TYPE = b"text/plain; charset=utf-8"
+MONITOR_PATH = b"/static/monitor.html"
+
+Params = Mapping[str, str]
+Handler = Callable[[IRequest, Params], Awaitable[Any]]
+
+
+@attrs.frozen
+class Route:
+    """One route: who may call it decides auth and CORS, the rest is Klein's."""
+
+    method: str
+    rule: str  # werkzeug rule, e.g. "/lock/<batch>"
+    access: str  # "admin" (token), "handle" (capability + CORS) or "public"
+    branch: bool = False
+
+
+class _ApiResource(KleinResource):
+    """Klein's resource, with a JSON 400 for a path or host that is not UTF-8.
+
+    Klein answers those itself in plain text and logs a traceback for them; a client sending
+    ``%FF`` in a path must get neither.
+    """
+
+    def render(self, request: IRequest) -> Any:
+        # Every answer with a body names its type; an empty 202/204/302 must not claim text/html.
+        request.defaultContentType = None  # type: ignore[attr-defined]
+        try:
+            b"/".join(request.prepath + request.postpath).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            log.info("refused a request whose path or host is not UTF-8", event="api-refused")
+            request.setResponseCode(400)
+            request.setHeader(b"Content-Type", JSON_TYPE)
+            return error_body("bad-request", "the path (after percent-decoding) is not UTF-8")
+        return super().render(request)
+
+
+class _ApiApp(Klein):
+    """A Klein app whose resource refuses undecodable paths with the API's JSON error shape."""
+
+    def resource(self) -> KleinResource:
+        return _ApiResource(self)
+
+
+class RestApi:
+    """The handlers, holding what they need: the pool, the access rules and the long-poll limits."""
+
+    def __init__(
+        self,
+        pool: IPoolControl,
+        *,
+        token: str | None,
+        cors_origins: Sequence[str],
+        static_dir: FilePath[str],
+        long_poll_default: float,
+        max_long_poll: float,
+    ) -> None:
+        self._pool = pool
+        self._token = BearerToken(token) if token else None
+        self._cors = CorsPolicy.from_config(cors_origins)
+        self._static = StaticFiles(static_dir.path)
+        self._long_poll_default = long_poll_default
+        self._max_long_poll = max_long_poll
+        self._openapi = json.dumps(openapi_document(), indent=1).encode("utf-8")
+
+    def routes(self) -> list[tuple[Route, Handler]]:
+        """Every route of the SPEC, with its handler."""
+        return [
+            (Route("POST", "/set-pool-size/<min>/<max>/<linger>", "admin"), self.set_pool_size),
+            (Route("POST", "/prepare-batch/<size>/<path:homepage>", "admin"), self.prepare_batch),
+            (Route("POST", "/lock/<batch>", "admin"), self.lock),
+            (Route("POST", "/release/<handle>", "handle"), self.release),
+            (Route("GET", "/handle-status/<handle>", "handle"), self.handle_status),
+            (Route("POST", "/renew-expire/<handle>/<expireTime>", "handle"), self.renew_expire),
+            (Route("GET", "/last-event-id/<handle>", "handle"), self.last_event_id),
+            (Route("GET", "/fetch-events/<handle>/<lastId>", "handle"), self.fetch_events),
+            (Route("POST", "/cancel-batch/<batch>", "admin"), self.cancel_batch),
+            (Route("POST", "/shutdown", "admin"), self.shutdown),
+            (Route("GET", "/all-status", "admin"), self.all_status),
+            (Route("GET", "/metrics", "admin"), self.metrics),
+            (Route("GET", "/openapi.json", "public"), self.openapi),
+            (Route("GET", "/", "public"), self.index),
+            (Route("GET", "/static/", "public", branch=True), self.static),
+        ]
+
+    # ------------------------------------------------------------------ admin routes
+
+    async def set_pool_size(self, request: IRequest, params: Params) -> bytes:
+        minimum = parse_count("min", params["min"])
+        maximum = parse_count("max", params["max"])
+        linger = parse_count("linger", params["linger"])
+        self._pool.set_pool_size(minimum, maximum, linger)
+        return _no_content(request)
+
+    async def prepare_batch(self, request: IRequest, params: Params) -> bytes:
+        size = parse_count("size", params["size"])
+        # Klein moved the segments up to the homepage's first one into prepath.
+        homepage = homepage_segment(request.path, len(request.prepath) - 1)
+        body = request.content.read(MAX_BODY_BYTES + 1) if request.content is not None else b""
+        options = parse_batch_options(body)
+        batch = self._pool.prepare_batch(size, homepage, options)
+        return _id_answer(request, "batch", batch)
+
+    async def lock(self, request: IRequest, params: Params) -> bytes:
+        return _id_answer(request, "handle", self._pool.lock(params["batch"]))
+
+    async def cancel_batch(self, request: IRequest, params: Params) -> bytes:
+        self._pool.cancel_batch(params["batch"])
+        return _no_content(request)
+
+    async def shutdown(self, request: IRequest, params: Params) -> bytes:
+        self._pool.shutdown()
+        return _no_content(request, 202)
+
+    async def all_status(self, request: IRequest, params: Params) -> bytes:
+        return _json(request, self._pool.all_status())
+
+    async def metrics(self, request: IRequest, params: Params) -> bytes:
+        body = render_metrics(self._pool.all_status())
+        request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE)
+        return body
+
+    # ------------------------------------------------------------------ handle routes
+
+    async def release(self, request: IRequest, params: Params) -> bytes:
+        self._pool.release(params["handle"])
+        return _no_content(request)
+
+    async def handle_status(self, request: IRequest, params: Params) -> bytes:
+        return _json(request, self._pool.handle_status(params["handle"]))
+
+    async def renew_expire(self, request: IRequest, params: Params) -> bytes:
+        expire_ms = parse_count("expireTime", params["expireTime"])
+        self._pool.renew_expire(params["handle"], expire_ms)
+        return _no_content(request)
+
+    async def last_event_id(self, request: IRequest, params: Params) -> bytes:
+        return _id_answer(request, "lastId", self._pool.last_event_id(params["handle"]))
+
+    async def fetch_events(self, request: IRequest, params: Params) -> bytes:
+        last_id = parse_count("lastId", params["lastId"])
+        waits = request.args.get(b"wait") if request.args else None
+        wait = parse_wait(
+            waits[-1] if waits else None, default=self._long_poll_default, maximum=self._max_long_poll
+        )
+        events = await self._pool.fetch_events(params["handle"], last_id, wait)
+        return _json(request, events)
+
+    # ------------------------------------------------------------------ public routes
+
+    async def openapi(self, request: IRequest, params: Params) -> bytes:
+        request.setHeader(b"Content-Type", JSON_TYPE)
+        return self._openapi
+
+    async def index(self, request: IRequest, params: Params) -> bytes:
+        request.redirect(MONITOR_PATH)
+        return b""
+
+    async def static(self, request: IRequest, params: Params) -> StaticFiles:
+        return self._static
+
+    # ------------------------------------------------------------------ shared
+
+    def serve(self, route: Route, handler: Handler) -> Callable[..., Awaitable[Any]]:
+        """The Klein endpoint for a route: access checks, then the handler, then the error shape."""
+        admin = route.access == "admin" and self._token is not None
+        cors = route.access == "handle"
+
+        async def endpoint(request: IRequest, **params: str) -> Any:
+            if cors:
+                for name, value in self._cors.allow_origin(request.getHeader(b"origin")):
+                    request.setHeader(name, value)
+            try:
+                if admin and not self._admits(request):
+                    raise ApiError(
+                        401,
+                        "unauthorized",
+                        "this route needs Authorization: Bearer <token>",
+                        headers=((b"WWW-Authenticate", b'Bearer realm="vmcloud"'),),
+                    )
+                return await handler(request, params)
+            except CancelledError:
+                raise  # the client went away during a long poll: nothing to answer
+            except (ApiError, PoolError) as e:
+                headers = e.headers if isinstance(e, ApiError) else ()
+                return _refuse(request, route.rule, e.status, e.code, e.message, headers)
+            except Exception:
+                return _internal_error(request, route.rule, Failure())
+
+        return endpoint
+
+    def preflight(self, route: Route) -> Callable[..., Awaitable[bytes]]:
+        """The ``OPTIONS`` endpoint that lets a browser on another origin call a handle route."""
+
+        async def endpoint(request: IRequest, **params: str) -> bytes:
+            for name, value in self._cors.preflight(request.getHeader(b"origin"), [route.method]):
+                request.setHeader(name, value)
+            return _no_content(request)
+
+        return endpoint
+
+    def _admits(self, request: IRequest) -> bool:
+        assert self._token is not None
+        return self._token.admits(request.getHeader(b"authorization"))
+
+
+def make_api(
+    pool: IPoolControl,
+    *,
+    token: str | None,
+    cors_origins: Sequence[str],
+    static_dir: FilePath[str],
+    long_poll_default: float = 5.0,
+    max_long_poll: float = 30.0,
+) -> Klein:
+    """The Klein app of the REST API over ``pool``.
+
+    ``token`` None (or empty) means no admin auth: the composition root then listens on loopback
+    only.  ``cors_origins`` lists the browser origins allowed on the handle routes (``"*"`` for
+    any).  ``long_poll_default`` is how long fetch-events waits without ``?wait=``, and
+    ``max_long_poll`` caps what a client may ask for.
+    """
+    api = RestApi(
+        pool,
+        token=token,
+        cors_origins=cors_origins,
+        static_dir=static_dir,
+        long_poll_default=long_poll_default,
+        max_long_poll=max_long_poll,
+    )
+    app = _ApiApp()
+    # A homepage may hold "//" once decoded; merging slashes would redirect instead of routing.
+    app.url_map.merge_slashes = False
+    for route, handler in api.routes():
+        name = handler.__name__
+        app.route(route.rule, methods=[route.method], endpoint=name, branch=route.branch)(
+            api.serve(route, handler)
+        )
+        if route.access == "handle":
+            app.route(route.rule, methods=["OPTIONS"], endpoint=f"{name}_preflight")(api.preflight(route))
+
+    @app.handle_errors(HTTPException)
+    def routing_error(request: IRequest, failure: Failure) -> bytes:
+        """No route matched: 404 or 405 in the JSON error shape (a redirect stays a redirect)."""
+        error = failure.value
+        assert isinstance(error, HTTPException)
+        if isinstance(error, RequestRedirect):
+            request.redirect(error.new_url.encode("utf-8"))
+            return b""
+        status = error.code or 500
+        if isinstance(error, MethodNotAllowed):
+            allowed = ", ".join(error.valid_methods or ())
+            request.setHeader(b"Allow", allowed.encode("ascii"))
+            return _refuse(request, None, 405, "method-not-allowed", f"use {allowed} on this path", ())
+        if status == 404:
+            return _refuse(request, None, 404, "not-found", "no such route", ())
+        return _refuse(request, None, status, error.name.lower().replace(" ", "-"), error.name, ())
+
+    @app.handle_errors(Exception)
+    def unexpected(request: IRequest, failure: Failure) -> bytes:
+        """Anything that escaped a route (rendering a static file, a bug in the error path)."""
+        return _internal_error(request, None, failure)
+
+    return app
+
+
+# ---------------------------------------------------------------------- answers
+
+
+def _no_content(request: IRequest, status: int = 204) -> bytes:
+    request.setResponseCode(status)
+    return b""
+
+
+def _json(request: IRequest, value: Any) -> bytes:
+    body = json.dumps(value, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    request.setHeader(b"Content-Type", JSON_TYPE)
+    request.setHeader(b"Cache-Control", b"no-store")
+    return body
+
+
+def _id_answer(request: IRequest, key: str, value: str | int) -> bytes:
+    """An id alone: bare text (``H=$(curl ...)`` works) or ``{key: value}`` when JSON is asked for."""
+    if wants_json(request.getHeader(b"accept")):
+        return _json(request, {key: value})
+    request.setHeader(b"Content-Type", TEXT_TYPE)
+    request.setHeader(b"Cache-Control", b"no-store")
+    return str(value).encode("utf-8")
+
+
+def _where(request: IRequest, rule: str | None) -> str:
+    """What a log line names: the route's rule (never the handle in it), or the path cut short."""
+    if rule is not None:
+        return rule
+    path = bytes(request.path).decode("utf-8", "replace")
+    return path if len(path) <= 120 else path[:120] + "..."
+
+
+def _refuse(
+    request: IRequest,
+    rule: str | None,
+    status: int,
+    code: str,
+    message: str,
+    headers: Sequence[tuple[bytes, bytes]],
+) -> bytes:
+    log.info(
+        "{method} {where} refused: {status} {code}: {message}",
+        method=request.method.decode("ascii", "replace"),
+        where=_where(request, rule),
+        status=status,
+        code=code,
+        message=message,
+        event="api-refused",
+    )
+    request.setResponseCode(status)
+    for name, value in headers:
+        request.setHeader(name, value)
+    request.setHeader(b"Content-Type", JSON_TYPE)
+    return error_body(code, message)
+
+
+def _internal_error(request: IRequest, rule: str | None, failure: Failure) -> bytes:
+    reference = secrets.token_hex(4)
+    log.failure(
+        "{method} {where} failed unexpectedly (reference {reference})",
+        failure,
+        method=request.method.decode("ascii", "replace"),
+        where=_where(request, rule),
+        reference=reference,
+        event="api-internal-error",
+    )
+    request.setResponseCode(500)
+    request.setHeader(b"Content-Type", JSON_TYPE)
+    return error_body(
+        "internal-error", f"unexpected error (reference {reference}); the daemon log has the details"
+    )

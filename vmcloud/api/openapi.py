@@ -1,0 +1,399 @@
+"""The OpenAPI 3.1 document of the REST API, served at ``/openapi.json``.
+
+Written out by hand rather than generated from the routes, so that it says what a client needs
+(meanings, shapes, which errors to expect) and so that the test comparing it with the Klein
+routes and with the statuses the handlers really produce has something independent to compare.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+JSON = "application/json"
+TEXT = "text/plain"
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
+
+
+def _path_param(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
+
+
+def _count_param(name: str, description: str) -> dict[str, Any]:
+    return _path_param(name, description, {"type": "integer", "minimum": 0})
+
+
+_HANDLE = _path_param("handle", "A VM handle returned by lock; the capability to use that VM.")
+_BATCH = _path_param("batch", "A batch id returned by prepare-batch.")
+
+_COMMON_ERRORS: dict[str, str] = {
+    "400": "Bad input: not a non-negative integer, min > max, a size over the cap, a homepage that is not "
+    "http(s), a body that is not the expected JSON, or too large.",
+    "401": "An admin route called without `Authorization: Bearer <token>` while a token is configured.",
+    "404": "Unknown (or released, or expired) handle, or unknown batch.",
+    "409": "The batch is cancelled, or the pool is shutting down.",
+    "500": "An unexpected error; the daemon log has the details (the answer never does).",
+}
+
+
+def _errors(*statuses: str) -> dict[str, Any]:
+    return {
+        status: {"description": _COMMON_ERRORS[status], "content": {JSON: {"schema": _ERROR}}}
+        for status in statuses
+    }
+
+
+def _id_answer(key: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "description": f'{description} Bare as text/plain, or `{{"{key}": ...}}` when the client sends '
+        "`Accept: application/json`.",
+        "content": {
+            TEXT: {"schema": {"type": "string"}},
+            JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": [key],
+                    "properties": {key: schema},
+                    "additionalProperties": False,
+                }
+            },
+        },
+    }
+
+
+def _json_answer(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _operation(
+    summary: str,
+    responses: dict[str, Any],
+    *,
+    admin: bool = False,
+    parameters: list[dict[str, Any]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {"summary": summary, "responses": responses}
+    if parameters:
+        operation["parameters"] = parameters
+    operation["security"] = _ADMIN if admin else []
+    operation.update(extra)
+    return operation
+
+
+def _preflight(methods: str) -> dict[str, Any]:
+    return _operation(
+        f"CORS preflight for a worker page on another origin (allows {methods}).",
+        {"204": {"description": "Access-Control-Allow-* headers for the configured origins."}},
+    )
+
+
+def openapi_document() -> dict[str, Any]:
+    """The whole document, as plain JSON-ready data."""
+    handle_routes_note = "A handle route: needs only the handle; CORS-enabled for the configured origins."
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "vmcloud",
+            "version": "1",
+            "description": (
+                "A pool of VMs each running a browser, for crowd work. Admin routes need "
+                "`Authorization: Bearer <token>` when a token is configured. Every error is JSON "
+                '`{"error": "<code>", "message": "<text>"}`; an unknown path answers 404 and a known '
+                "path with the wrong method 405, both in that shape."
+            ),
+        },
+        "paths": {
+            "/set-pool-size/{min}/{max}/{linger}": {
+                "post": _operation(
+                    "Keep between min and max VMs; a FREE VM above min idle for linger ms is terminated.",
+                    {"204": {"description": "Applied."}, **_errors("400", "401", "409", "500")},
+                    admin=True,
+                    parameters=[
+                        _count_param("min", "The pool holds at least this many VMs."),
+                        _count_param("max", "At most this many (clamped by the configured max_pool_size)."),
+                        _count_param("linger", "Milliseconds a FREE VM above min may stay idle."),
+                    ],
+                )
+            },
+            "/prepare-batch/{size}/{homepage}": {
+                "post": _operation(
+                    "Prepare a batch of size VMs whose browsers open homepage.",
+                    {
+                        "200": _id_answer("batch", {"type": "string"}, "The new batch id."),
+                        **_errors("400", "401", "409", "500"),
+                    },
+                    admin=True,
+                    parameters=[
+                        _count_param("size", "How many VMs the batch keeps READY."),
+                        _path_param(
+                            "homepage",
+                            "An http(s) URL as ONE URL-encoded path segment (encode `/` as %2F).",
+                            {"type": "string", "format": "uri"},
+                        ),
+                    ],
+                    requestBody={
+                        "required": False,
+                        "content": {JSON: {"schema": {"$ref": "#/components/schemas/BatchOptions"}}},
+                    },
+                )
+            },
+            "/lock/{batch}": {
+                "post": _operation(
+                    "Lock a VM of the batch; the handle may wait unassigned until a VM is READY.",
+                    {
+                        "200": _id_answer("handle", {"type": "string"}, "The new VM handle."),
+                        **_errors("401", "404", "409", "500"),
+                    },
+                    admin=True,
+                    parameters=[_BATCH],
+                )
+            },
+            "/release/{handle}": {
+                "post": _operation(
+                    "Release the handle: its VM is cleaned and reused. " + handle_routes_note,
+                    {"204": {"description": "Released."}, **_errors("404", "500")},
+                    parameters=[_HANDLE],
+                ),
+                "options": _preflight("POST"),
+            },
+            "/handle-status/{handle}": {
+                "get": _operation(
+                    "Whether the handle has a VM, and what a worker page needs of it. " + handle_routes_note,
+                    {
+                        "200": _json_answer(
+                            "The handle's state.", {"$ref": "#/components/schemas/HandleStatus"}
+                        ),
+                        **_errors("404", "500"),
+                    },
+                    parameters=[_HANDLE],
+                ),
+                "options": _preflight("GET"),
+            },
+            "/renew-expire/{handle}/{expireTime}": {
+                "post": _operation(
+                    "Release the handle expireTime ms from now; a new call resets the timer. "
+                    + handle_routes_note,
+                    {"204": {"description": "Timer set."}, **_errors("400", "404", "500")},
+                    parameters=[_HANDLE, _count_param("expireTime", "Milliseconds from now.")],
+                ),
+                "options": _preflight("POST"),
+            },
+            "/last-event-id/{handle}": {
+                "get": _operation(
+                    "The id to pass to the first fetch-events. " + handle_routes_note,
+                    {
+                        "200": _id_answer("lastId", {"type": "integer"}, "The last event id."),
+                        **_errors("404", "500"),
+                    },
+                    parameters=[_HANDLE],
+                ),
+                "options": _preflight("GET"),
+            },
+            "/fetch-events/{handle}/{lastId}": {
+                "get": _operation(
+                    "Events after lastId; long-polls when there are none. " + handle_routes_note,
+                    {
+                        "200": _json_answer("New events.", {"$ref": "#/components/schemas/Events"}),
+                        **_errors("400", "404", "500"),
+                    },
+                    parameters=[
+                        _HANDLE,
+                        _count_param("lastId", "The lastId of the previous answer (or last-event-id)."),
+                        {
+                            "name": "wait",
+                            "in": "query",
+                            "required": False,
+                            "description": "Seconds to wait for an event (default 5, capped by the server).",
+                            "schema": {"type": "number", "minimum": 0},
+                        },
+                    ],
+                ),
+                "options": _preflight("GET"),
+            },
+            "/cancel-batch/{batch}": {
+                "post": _operation(
+                    "No new locks from the batch; VMs already locked stay usable until released.",
+                    {"204": {"description": "Cancelled."}, **_errors("401", "404", "500")},
+                    admin=True,
+                    parameters=[_BATCH],
+                )
+            },
+            "/shutdown": {
+                "post": _operation(
+                    "Release every handle, cancel every batch, terminate every VM.",
+                    {"202": {"description": "Shutdown under way."}, **_errors("401", "500")},
+                    admin=True,
+                )
+            },
+            "/all-status": {
+                "get": _operation(
+                    "Everything the monitor shows.",
+                    {
+                        "200": _json_answer("The pool.", {"$ref": "#/components/schemas/AllStatus"}),
+                        **_errors("401", "500"),
+                    },
+                    admin=True,
+                )
+            },
+            "/metrics": {
+                "get": _operation(
+                    "Prometheus metrics (text format 0.0.4), derived from all-status.",
+                    {
+                        "200": {
+                            "description": "Gauges: VMs per state, batches, handles, pending locks.",
+                            "content": {TEXT: {"schema": {"type": "string"}}},
+                        },
+                        **_errors("401", "500"),
+                    },
+                    admin=True,
+                )
+            },
+            "/openapi.json": {
+                "get": _operation("This document.", {"200": _json_answer("OpenAPI 3.1.", {"type": "object"})})
+            },
+            "/": {
+                "get": _operation(
+                    "The monitor page.", {"302": {"description": "Redirect to /static/monitor.html."}}
+                )
+            },
+            "/static/{path}": {
+                "get": _operation(
+                    "Public files: monitor.html, vmcloud.js. Directories are never listed.",
+                    {
+                        "200": {"description": "The file."},
+                        "304": {"description": "Not modified since If-Modified-Since."},
+                        "404": {
+                            "description": "No such file.",
+                            "content": {JSON: {"schema": _ERROR}},
+                        },
+                    },
+                    parameters=[_path_param("path", "File name under the static directory.")],
+                )
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "adminToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The [api] token of the daemon's configuration.",
+                }
+            },
+            "schemas": _schemas(),
+        },
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["error", "message"],
+            "properties": {
+                "error": {
+                    "type": "string",
+                    "description": "Stable code: bad-request, unauthorized, unknown-batch, unknown-handle, "
+                    "batch-cancelled, shutting-down, not-found, method-not-allowed, internal-error.",
+                },
+                "message": {"type": "string", "description": "For humans."},
+            },
+        },
+        "BatchOptions": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "cookies": {
+                    "type": "array",
+                    "maxItems": 100,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "value"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "value": {"type": "string"},
+                            "domain": {"type": ["string", "null"]},
+                            "path": {"type": "string", "default": "/"},
+                            "secure": {"type": "boolean", "default": False},
+                            "httpOnly": {"type": "boolean", "default": False},
+                            "expires": {
+                                "type": ["number", "null"],
+                                "description": "Seconds since the epoch; null for a session cookie.",
+                            },
+                        },
+                    },
+                },
+                "window": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "width": {"type": "integer", "minimum": 100, "maximum": 8192, "default": 1280},
+                        "height": {"type": "integer", "minimum": 100, "maximum": 8192, "default": 800},
+                    },
+                },
+                "audio": {"type": "boolean", "default": False},
+            },
+        },
+        "HandleStatus": {
+            "type": "object",
+            "required": ["assigned"],
+            "properties": {
+                "assigned": {"type": "boolean"},
+                "vmid": {"type": "string"},
+                "vm": {
+                    "type": "object",
+                    "description": "State, console and audio URLs, VNC password: what a worker page needs.",
+                },
+                "expires": {"type": "boolean"},
+                "expireTime": {"type": ["integer", "null"], "description": "ms since the epoch"},
+            },
+        },
+        "Events": {
+            "type": "object",
+            "required": ["lastId", "newEvents"],
+            "properties": {
+                "lastId": {"type": "integer"},
+                "newEvents": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["id", "time", "data"],
+                        "properties": {
+                            "id": {"type": "integer"},
+                            "time": {"type": "number"},
+                            "data": {
+                                "type": "object",
+                                "description": 'e.g. {"action": "page-load", "url": ..., "title": ...}',
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "AllStatus": {
+            "type": "object",
+            "properties": {
+                "poolSize": {
+                    "type": "object",
+                    "properties": {
+                        "min": {"type": "integer"},
+                        "max": {"type": "integer"},
+                        "linger": {"type": "integer"},
+                    },
+                },
+                "vms": {"type": "array", "items": {"type": "object"}},
+                "batches": {"type": "array", "items": {"type": "object"}},
+                "preps": {"type": "array", "items": {"type": "object"}},
+                "handles": {"type": "array", "items": {"type": "object"}},
+                "pendingLocks": {"type": "array", "items": {"type": "object"}},
+            },
+        },
+    }
