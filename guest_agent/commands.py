@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
@@ -50,6 +50,9 @@ DEFAULT_BASE_ENV: Mapping[str, str] = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
 }
+
+#: Bytes of cmd + args + env + path accepted (the kernel's ARG_MAX is about 2 MiB for both together).
+MAX_REQUEST_BYTES = 1 * MiB
 
 #: What the leader reports when it cannot start the command (the shell's conventions).
 EXIT_NOT_FOUND = 127
@@ -288,11 +291,16 @@ class CommandRunner:
         self,
         cmd: str,
         args: Sequence[str],
-        env: Mapping[str, str],
+        env: Mapping[str, str] | None,
         path: str | None,
         timeout: float | None,
     ) -> CommandResult:
-        """Run ``cmd`` with ``args`` (``argv[1:]``); never raises for anything the request holds."""
+        """Run ``cmd`` with ``args`` (``argv[1:]``); never raises for anything the request holds.
+
+        ``env`` is laid over the runner's base environment (None: the base alone); ``path`` is the
+        working directory (None: the agent's own); ``timeout`` in seconds (None: the default).
+        Cancelling the returned coroutine's Deferred kills the command's process group.
+        """
         problem = _check_request(cmd, args, env, path, timeout)
         if problem is not None:
             log.warn("Refused command {cmd!r}: {reason}", cmd=cmd, reason=problem, event="command-refused")
@@ -305,13 +313,13 @@ class CommandRunner:
                 )
                 log.warn("Refused command {cmd!r}: {reason}", cmd=cmd, reason=reason, event="command-refused")
                 return _refusal(reason, EXIT_CANNOT_EXECUTE)
-            turn: Deferred[None] = Deferred()
+            turn: Deferred[None] = Deferred(self._waiting.remove)  # cancelled: leave the queue
             self._waiting.append(turn)
             await turn  # the slot is handed over by _release, already counted
         else:
             self._running += 1
         try:
-            return await self._run_in_slot(cmd, list(args), env, path, timeout or self.default_timeout)
+            return await self._run_in_slot(cmd, list(args), env or {}, path, timeout or self.default_timeout)
         finally:
             self._release()
 
@@ -335,6 +343,8 @@ class CommandRunner:
 
         def on_exit(reason: Failure) -> None:
             # The leader is gone; give pipes held by leftovers a moment, then stop reading.
+            if protocol.ended.called:  # nobody waits any more (cancelled)
+                return
             calls.append(self._clock.callLater(self.drain_grace, abandon_pipes))
 
         protocol = _CommandProtocol(self.max_output, on_exit)
@@ -363,7 +373,7 @@ class CommandRunner:
         )
 
         def kill(sig: int) -> None:
-            if pid is not None and not protocol.ended.called:
+            if pid is not None and protocol.end_reason is None:
                 sent.append(sig)
                 self._signal_group(pid, sig)
 
@@ -395,6 +405,10 @@ class CommandRunner:
             self._pids.add(pid)
         try:
             await protocol.ended
+        except CancelledError:
+            log.info("Command {cmd!r} cancelled: killing it", cmd=cmd, event="command-cancelled")
+            kill(signal.SIGKILL)
+            raise
         finally:
             for call in calls:
                 if call.active():
@@ -468,6 +482,8 @@ def _check_request(cmd: object, args: object, env: object, path: object, timeout
         return "args must be a list of strings"
     if not all(isinstance(a, str) for a in args):
         return "args must be a list of strings"
+    if env is None:
+        env = {}
     if not isinstance(env, Mapping):
         return "env must be a mapping of strings to strings"
     for k, v in env.items():
@@ -482,4 +498,10 @@ def _check_request(cmd: object, args: object, env: object, path: object, timeout
     texts = [cmd, *args, *(env.keys()), *(env.values()), *([path] if path else [])]
     if any("\0" in t for t in texts):
         return "NUL characters are not allowed in cmd, args, env or path"
+    try:
+        size = sum(len(t.encode("utf-8")) + 1 for t in texts)
+    except UnicodeEncodeError:
+        return "cmd, args, env and path must be valid Unicode text"
+    if size > MAX_REQUEST_BYTES:
+        return f"cmd, args, env and path together exceed {MAX_REQUEST_BYTES} bytes"
     return None

@@ -12,10 +12,10 @@ from typing import Any
 
 import psutil
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IReactorProcess
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -112,7 +112,7 @@ class RealProcessTests(TestCase):
     async def test_timeout_kills_the_whole_process_group(self) -> None:
         """Grandchildren die with the command; the result says it did not finish, and by which signal."""
         script = "sleep 30 & echo $!; sleep 30"
-        result = await self.run_cmd(self.runner(), script, timeout=0.5)
+        result = await self.run_cmd(self.runner(), script, timeout=1.0)
         self.assertFalse(result.finished)
         self.assertTrue(result.timed_out)
         self.assertEqual(result.exit_code_or_signal, signal.SIGTERM)
@@ -124,7 +124,7 @@ class RealProcessTests(TestCase):
     async def test_timeout_escalates_to_sigkill(self) -> None:
         """A command that ignores SIGTERM is killed after the grace."""
         script = "trap '' TERM; echo started; sleep 30"
-        result = await self.run_cmd(self.runner(kill_grace=0.3), script, timeout=0.3)
+        result = await self.run_cmd(self.runner(kill_grace=0.5), script, timeout=1.0)
         self.assertFalse(result.finished)
         self.assertEqual(result.exit_code_or_signal, signal.SIGKILL)
         self.assertEqual(result.out, "started\n")
@@ -160,6 +160,22 @@ class RealProcessTests(TestCase):
         result = await self.run_cmd(self.runner(), "cat; echo eof")
         self.assertEqual(result.out, "eof\n")
 
+    async def test_cancel_kills_the_command(self) -> None:
+        """A caller that gives up (e.g. the agent stopping) leaves no process behind."""
+        runner = self.runner()
+        d = self.run_cmd(runner, "echo $$; sleep 30")
+        while not runner._pids:
+            await deferLater(reactor, 0.01)
+        (pid,) = runner._pids
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        for _ in range(200):
+            if not _alive(pid):
+                break
+            await deferLater(reactor, 0.01)
+        self.assertFalse(_alive(pid))
+        self.assertEqual(runner.running, 0)
+
     async def test_concurrency_limit_queues_then_refuses(self) -> None:
         runner = self.runner(max_concurrent=1, max_queued=1)
         first = self.run_cmd(runner, "sleep 0.3; echo first")
@@ -190,6 +206,8 @@ class RefusalTests(SynchronousTestCase):
             ("sh", [], {}, "", None),
             ("sh", [], {}, None, -1),
             ("sh", [], {}, None, True),
+            ("sh", ["\udc80"], {}, None, None),
+            ("sh", ["x" * (2 * 1024 * 1024)], {}, None, None),
         ]
         for cmd, args, env, path, timeout in bad:
             result = self.successResultOf(ensureDeferred(runner.run(cmd, args, env, path, timeout)))
@@ -320,6 +338,19 @@ class TimerTests(SynchronousTestCase):
         assert result.error is not None
         self.assertIn("Too many open files", result.error)
         self.assertEqual(self.runner.running, 0)
+
+    def test_cancelled_while_queued_leaves_the_queue(self) -> None:
+        self.runner.max_concurrent = 1
+        first, protocol = self.start()
+        queued = ensureDeferred(self.runner.run("true", [], None, None, None))
+        self.assertEqual(self.runner.waiting, 1)
+        queued.cancel()
+        self.failureResultOf(queued, CancelledError)
+        self.assertEqual((self.runner.running, self.runner.waiting), (1, 0))
+        protocol.processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(first)
+        self.assertEqual((self.runner.running, self.runner.waiting), (0, 0))
+        self.assertEqual(len(self.reactor.spawned), 1)
 
     def test_kill_all(self) -> None:
         self.start()
