@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from zope.interface import implementer
 
 from vmcloud.pool.interfaces import BatchOptions, IPoolControl
@@ -29,6 +29,7 @@ class RecordingPool:
         self.events: Mapping[str, Any] = {"lastId": 7, "newEvents": []}
         self.hold_events = False
         self.pending_fetch: Deferred[Mapping[str, Any]] | None = None
+        self.cancelled_fetches = 0
         self.everything: Mapping[str, Any] = {
             "poolSize": {"min": 0, "max": 0, "linger": 0},
             "vms": [],
@@ -72,7 +73,11 @@ class RecordingPool:
         self._record("fetch_events", handle, last_id, wait)
         if self.hold_events:
             self.pending_fetch = Deferred()
-            return await self.pending_fetch
+            try:
+                return await self.pending_fetch
+            except CancelledError:
+                self.cancelled_fetches += 1
+                raise
         return self.events
 
     def cancel_batch(self, batch: str) -> None:

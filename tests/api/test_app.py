@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from twisted.logger import capturedLogs
+from twisted.web.client import ResponseNeverReceived
 from zope.interface.verify import verifyObject
 
 from tests.api.client import HANDLE, TOKEN, ApiTestCase
@@ -565,3 +566,12 @@ class LongPollTests(ApiTestCase):
         self.pool.pending_fetch.callback({"lastId": 5, "newEvents": [event]})
         answer = self.finish(d)
         self.assertEqual((answer.status, answer.json()), (200, {"lastId": 5, "newEvents": [event]}))
+
+    def test_client_going_away_cancels_the_wait_quietly(self) -> None:
+        """A worker page closed mid-poll: the pool's wait is cancelled and nothing is logged as an error."""
+        self.pool.hold_events = True
+        d = self.start("GET", f"/fetch-events/{HANDLE}/4?wait=20")
+        d.cancel()
+        self.treq.flush()
+        self.failureResultOf(d, ResponseNeverReceived)
+        self.assertEqual(self.pool.cancelled_fetches, 1)
