@@ -31,6 +31,7 @@ from vmcloud.pool.interfaces import (
     ACTIVE,
     DELETING,
     ERROR,
+    BadCloudRequest,
     BootRequest,
     CloudUnavailable,
     GuestCredentials,
@@ -150,7 +151,7 @@ class LocalDriverMixin:
         self.driver = self.make_driver()
 
     def make_driver(self, **kw: Any) -> LocalDriver:
-        def argv(request: BootRequest, broker: str) -> list[str]:
+        def default_argv(request: BootRequest, broker: str) -> list[str]:
             args = [sys.executable, self.script.path, self.info_path(request.vmid).path]
             args += [self.mode.get(request.vmid, "sleep"), broker]
             return args + ([self.greet] if self.greet else [])
@@ -159,7 +160,7 @@ class LocalDriverMixin:
             reactor,
             prefix=self.prefix,
             state_dir=self.state,
-            agent_argv=argv,
+            agent_argv=kw.pop("agent_argv", default_argv),
             netns=self.netns,
             subnet=self.subnet,
             bridge=self.bridge,
@@ -323,13 +324,50 @@ class LocalDriverMixin:
             return server if server is not None and server.status == ERROR else None
 
         server = await self.wait_for(errored, "the VM to show ERROR")
-        test.assertIn("exited with status 3", server.fault or "")
+        test.assertIn("exited with status 3: agent up", server.fault or "")
         died = [e for e in self.events if e.get("event") == "vm-process-died"]
         test.assertEqual([e["server_id"] for e in died], [sid])
         # the orphaned grandchild is still the VM's, and delete ends it
         test.assertTrue(alive(info["grandchild"]))
         await self.driver.delete(sid)
         test.assertFalse(alive(info["grandchild"]))
+
+    async def test_bad_agent_command_gives_a_clear_fault(self) -> None:
+        """A missing executable is an ERROR VM whose fault says why; nothing is left after delete."""
+        test: TestCase = self  # type: ignore[assignment]
+        driver = self.make_driver(agent_argv=lambda request, broker: ["/nonexistent/vmcloud-agent"])
+        sid = await driver.boot(self.request("bad"))
+
+        async def errored() -> ServerStatus | None:
+            server = await self.status_of(sid, driver)
+            return server if server is not None and server.status == ERROR else None
+
+        server = await self.wait_for(errored, "the VM to show ERROR")
+        test.assertIn("No such file", server.fault or "")
+        await driver.delete(sid)
+        test.assertEqual(await driver.list_servers(), [])
+        if self.netns:
+            test.assertEqual(self.our_namespaces(), [])
+
+    async def test_refused_boots_leave_nothing(self) -> None:
+        """A duplicate vmid or a failing argv builder is refused with a CloudError, not a crash."""
+        test: TestCase = self  # type: ignore[assignment]
+        sid, _ = await self.boot_and_wait("d")
+        with test.assertRaises(BadCloudRequest):
+            await self.driver.boot(self.request("d"))
+
+        def broken(request: BootRequest, broker: str) -> list[str]:
+            raise KeyError("agent")
+
+        driver = self.make_driver(agent_argv=broken)
+        with test.assertRaises(BadCloudRequest):
+            await driver.boot(self.request("e"))
+        test.assertEqual([s.server_id for s in await driver.list_servers()], [sid])
+        test.assertEqual(len(self.state.child("local").globChildren("*.json")), 1)
+        if self.netns:
+            test.assertEqual(self.our_namespaces(), [self.layout.namespace("d")])
+        failed = [e for e in self.events if e.get("event") == "vm-boot-failed"]
+        test.assertEqual([e["vmid"] for e in failed], ["e"])
 
     async def test_quota(self) -> None:
         test: TestCase = self  # type: ignore[assignment]

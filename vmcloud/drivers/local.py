@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable, Mapping
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredLock, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, gatherResults
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IProcessTransport, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
@@ -59,6 +59,7 @@ from vmcloud.pool.interfaces import (
     ERROR,
     BadCloudRequest,
     BootRequest,
+    CloudError,
     CloudUnavailable,
     ICloudDriver,
     QuotaExceeded,
@@ -287,6 +288,7 @@ class LocalDriver:
         self._vms: dict[str, VmRecord] = {}
         self._children: dict[str, IProcessTransport] = {}  # VMs this process spawned
         self._booting: dict[str, tuple[int | None, VmNetwork | None]] = {}  # server id -> slot, network
+        self._booting_vmids: set[str] = set()
         self._boots: dict[str, Deferred[None]] = {}
         self._prepare_lock = DeferredLock()
         self._prepared = False
@@ -432,18 +434,24 @@ class LocalDriver:
         creds = request.credentials
         if any(c in v for v in (creds.broker, creds.login, creds.passcode) for c in "\r\n\0"):
             raise BadCloudRequest("guest credentials must not contain line breaks")
+        if any(r.vmid == request.vmid for r in self._vms.values()) or request.vmid in self._booting_vmids:
+            # never two VMs of one vmid: they would share a namespace name, and tearing down
+            # a failed boot would take the running VM's network with it
+            raise BadCloudRequest(f"a VM with vmid {request.vmid!r} already exists")
         if len(self._vms) + len(self._booting) >= self.max_vms:
             raise QuotaExceeded(f"the local driver runs at most {self.max_vms} VMs", retry_after=30.0)
         slot = self._free_slot() if self.uses_netns else None
         net = self._layout.vm_network(request.vmid, request.name, slot) if slot is not None else None
         server_id = uuid.uuid4().hex
         self._booting[server_id] = (slot, net)
+        self._booting_vmids.add(request.vmid)
         done: Deferred[None] = Deferred()
         self._boots[server_id] = done
         try:
             return await self._boot(server_id, slot, net, request)
         finally:
             del self._booting[server_id]
+            self._booting_vmids.discard(request.vmid)
             del self._boots[server_id]
             done.callback(None)
 
@@ -479,7 +487,8 @@ class LocalDriver:
             )
             transport = self._spawn(server_id, argv, env, vm_dir)
             pid = transport.pid
-            assert pid is not None
+            if pid is None:  # reaped within spawnProcess: it could not even start
+                raise BadCloudRequest(f"the VM's first process exited at once: {self._console_tail(vm_dir)}")
             record = VmRecord(
                 server_id=server_id,
                 vmid=request.vmid,
@@ -494,7 +503,7 @@ class LocalDriver:
                 network=net,
             )
             self._save(record)
-        except BaseException as e:
+        except Exception as e:
             if transport is not None:
                 self._children.pop(server_id, None)
                 _signal_group(transport.pid or 0, signal.SIGKILL)
@@ -508,11 +517,11 @@ class LocalDriver:
                 error=str(e),
                 event="vm-boot-failed",
             )
+            if isinstance(e, CloudError | CancelledError):
+                raise
             if isinstance(e, NetworkCommandError):
                 raise CloudUnavailable(f"cannot set up the VM's network: {e}") from e
-            if isinstance(e, OSError):
-                raise BadCloudRequest(f"cannot start the VM's processes: {e}") from e
-            raise
+            raise BadCloudRequest(f"cannot start the VM's processes: {e}") from e
         self._vms[server_id] = record
         log.info(
             "Booted VM {vmid} as {server_id}: pid {pid}, namespace {netns}, ip {ip}, mac {mac}",
@@ -525,6 +534,18 @@ class LocalDriver:
             event="vm-booted",
         )
         return server_id
+
+    @staticmethod
+    def _console_tail(vm_dir: FilePath[str]) -> str:
+        """The last line the VM's processes wrote, which usually says why they ended."""
+        try:
+            with open(vm_dir.child(CONSOLE_LOG_FILE).path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 400))
+                lines = f.read().decode("utf-8", "replace").strip().splitlines()
+        except OSError:
+            return "(no console output)"
+        return lines[-1][-200:] if lines else "(no console output)"
 
     def _base_environment(self) -> Mapping[str, str]:
         if self._environ is not None:
@@ -576,7 +597,7 @@ class LocalDriver:
                 event="vm-process-ended",
             )
             return
-        self._mark_died(record, f"the agent process {how}")
+        self._mark_died(record, f"the agent process {how}: {self._console_tail(self._dir.child(server_id))}")
 
     def _mark_died(self, record: VmRecord, fault: str) -> VmRecord:
         record = attrs.evolve(record, state=_DIED, fault=fault)
