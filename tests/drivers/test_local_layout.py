@@ -7,10 +7,11 @@ from collections.abc import Sequence
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass
 
-from vmcloud.drivers.local import LocalDriver, VmRecord
+from vmcloud.drivers.local import LocalDriver, VmRecord, user_data_ini
 from vmcloud.drivers.netns import (
     IFNAME_MAX,
     CommandResult,
@@ -18,7 +19,7 @@ from vmcloud.drivers.netns import (
     NetnsLayout,
     NetworkCommandError,
 )
-from vmcloud.pool.interfaces import ACTIVE, DELETING, ERROR, ICloudDriver
+from vmcloud.pool.interfaces import ACTIVE, DELETING, ERROR, BootRequest, GuestCredentials, ICloudDriver
 
 
 def layout(prefix: str = "vmcloud-vm-", subnet: str = "10.251.0.0/24", bridge: str = "vmcbr0") -> NetnsLayout:
@@ -189,3 +190,22 @@ class InterfaceTests(SynchronousTestCase):
 
 def _defer(coro):
     return Deferred.fromCoroutine(coro)
+
+
+class UserDataTests(SynchronousTestCase):
+    def test_guest_agent_reads_what_the_driver_writes(self) -> None:
+        """The user-data file is the agent's own format: it yields the VM's broker and credentials."""
+        from guest_agent.config import parse_guest_config
+
+        request = BootRequest(
+            vmid="9",
+            name="vmcloud-vm-9",
+            metadata={},
+            credentials=GuestCredentials(broker="x", login="vm-9", passcode="p%w;d#1"),
+        )
+        raw = user_data_ini(request, "tcp:10.251.0.1:61613", FilePath("/srv/vm/work"))
+        config = parse_guest_config({}, None, raw)
+        self.assertEqual(
+            (config.broker, config.login, config.passcode, config.workdir),
+            ("tcp:10.251.0.1:61613", "vm-9", "p%w;d#1", "/srv/vm/work"),
+        )

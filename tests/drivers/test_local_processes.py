@@ -257,6 +257,7 @@ class LocalDriverMixin:
             test.assertEqual(info["pgid"], info["pid"])
             test.assertIn(f"passcode = secret-{vmid}", info["user_data"])
             test.assertIn(f"login = vm-{vmid}", info["user_data"])
+            test.assertIn(f"workdir = {info['cwd']}/work\n", info["user_data"])
             test.assertNotIn(f"secret-{vmid}", " ".join(info["argv"]))
             user_data = FilePath(info["cwd"]).child("user-data.ini")
             test.assertEqual(stat.S_IMODE(os.stat(user_data.path).st_mode), 0o600)

@@ -70,6 +70,8 @@ log = Logger()
 
 #: The VM's user-data file, relative to its working directory.
 USER_DATA_FILE = "user-data.ini"
+#: The guest agent's ``workdir`` (files and commands), relative to the VM's working directory.
+WORK_DIR = "work"
 #: Where the VM's processes write their stdout and stderr, relative to its working directory.
 CONSOLE_LOG_FILE = "console.log"
 
@@ -470,8 +472,10 @@ class LocalDriver:
         try:
             vm_dir.makedirs()
             vm_dir.chmod(0o700)
+            workdir = vm_dir.child(WORK_DIR)
+            workdir.makedirs()
             user_data = vm_dir.child(USER_DATA_FILE)
-            _write_private(user_data, _user_data(request, self.broker_for_guest()))
+            _write_private(user_data, user_data_ini(request, self.broker_for_guest(), workdir))
             if net is not None:
                 await self._host.create(net)
             argv = self._agent_argv(request, self.broker_for_guest())
@@ -707,13 +711,18 @@ class LocalDriver:
         self._record_path(record).setContent(record.to_json())
 
 
-def _user_data(request: BootRequest, broker: str) -> bytes:
-    """The ``[agent]`` INI section a Nova guest would receive as user-data."""
+def user_data_ini(request: BootRequest, broker: str, workdir: FilePath[str]) -> bytes:
+    """The ``[agent]`` INI section a Nova guest would receive as user-data (see guest_agent/config.py).
+
+    On top of what Nova guests get, ``workdir``: local VMs share one filesystem, so each needs
+    its own directory for the files and commands of its agent.
+    """
     ini = configparser.ConfigParser(interpolation=None)
     ini["agent"] = {
         "broker": broker,
         "login": request.credentials.login,
         "passcode": request.credentials.passcode,
+        "workdir": workdir.path,
     }
     text = io.StringIO()
     ini.write(text)
