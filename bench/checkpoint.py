@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -246,7 +247,11 @@ def main(argv: list[str]) -> None:
     async def run(reactor: Any) -> None:
         await reactor_figures(reactor, snapshot, directory)
 
-    react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+    try:
+        react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+    finally:
+        if options.dir is None:
+            shutil.rmtree(directory.path, ignore_errors=True)
 
 
 if __name__ == "__main__":
