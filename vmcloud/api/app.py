@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 from klein import Klein
@@ -50,6 +50,9 @@ TEXT_TYPE = b"text/plain; charset=utf-8"
 MONITOR_PATH = b"/static/monitor.html"
 
 Params = Mapping[str, str]
+# "admin": needs the token (when one is set); "handle": the handle is the capability, CORS allowed;
+# "public": anyone (static files, the OpenAPI document, the redirect to the monitor).
+Access = Literal["admin", "handle", "public"]
 Handler = Callable[[IRequest, Params], Awaitable[Any]]
 
 
@@ -59,7 +62,7 @@ class Route:
 
     method: str
     rule: str  # werkzeug rule, e.g. "/lock/<batch>"
-    access: str  # "admin" (token), "handle" (capability + CORS) or "public"
+    access: Access
     branch: bool = False
 
 
