@@ -33,7 +33,6 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 
 from vmcloud.config import DEFAULT_API, Config, ConfigError, listens_on_loopback_only, parse_config
-from vmcloud.pool.interfaces import BootRequest
 from vmcloud.service import SequentialMultiService
 
 log = Logger()
@@ -102,22 +101,6 @@ def guest_broker_address(listen: str) -> str:
     if host in ("0.0.0.0", "::"):
         host = socket.gethostname()
     return f"tcp:{host}:{parts[1]}"
-
-
-def guest_agent_argv(request: BootRequest, broker: str, user_data: str) -> list[str]:
-    """The command line of a local VM's guest agent (secrets travel in the user-data file)."""
-    return [
-        sys.executable,
-        "-m",
-        "twisted",
-        "--nodaemon",
-        "--pidfile=",
-        "vmcloud-guest",
-        "--broker",
-        broker,
-        "--user-data",
-        user_data,
-    ]
 
 
 class _Startup(Service):
@@ -214,7 +197,7 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
             controller_name=controller_name,
         )
     else:
-        from vmcloud.drivers.local import LocalDriver
+        from vmcloud.drivers.local import LocalDriver, guest_agent_argv
 
         netns = {"yes": True, "no": False, "auto": None}[config.local.netns]
         driver = LocalDriver(
@@ -223,7 +206,7 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
             state_dir=state_dir,
             max_vms=config.local.max_vms,
             netns=netns,
-            agent_argv=guest_agent_argv,
+            agent_argv=guest_agent_argv(),
             broker_port=_port_of(config.broker.listen),
             subnet=config.local.subnet,
             bridge=config.local.bridge,
