@@ -158,6 +158,14 @@ class FramingTests(SynchronousTestCase):
         self.assertEqual(decoder.feed(b"f\x00"), [Frame("SEND", {"destination": "/q"}, b"half")])
         self.assertEqual(decoder.buffered, 0)
 
+    def test_hold_after_connect_lets_the_owner_set_the_version(self) -> None:
+        decoder = Decoder(hold_after_connect=True)
+        frames = decoder.feed(b"CONNECT\nlogin:a\n\n\x00SUBSCRIBE\ndestination: /queue/a\n\n\x00")
+        self.assertEqual([f.command for f in frames], ["CONNECT"])
+        decoder.version = "1.0"
+        [subscribe] = decoder.feed(b"")
+        self.assertEqual(subscribe.headers["destination"], "/queue/a")
+
     def test_large_body_without_content_length_across_reads(self) -> None:
         body = bytes(range(1, 256)) * 4000
         data = b"SEND\ndestination:/q\n\n" + body + b"\x00"

@@ -73,11 +73,16 @@ class Decoder:
     ``version`` decides how header values are decoded; the owner sets it once the version is
     negotiated (a fresh decoder assumes 1.2, which is what CONNECT frames are parsed with, and
     CONNECT/CONNECTED/STOMP are never unescaped anyway).
+
+    A server passes ``hold_after_connect=True``: decoding then stops after the first CONNECT or
+    STOMP frame, so that frames pipelined behind it are decoded with the negotiated version; the
+    owner sets ``version`` and calls ``feed(b"")`` to go on.
     """
 
-    def __init__(self, limits: Limits = Limits()) -> None:
+    def __init__(self, limits: Limits = Limits(), *, hold_after_connect: bool = False) -> None:
         self.limits = limits
         self.version = "1.2"
+        self.hold_after_connect = hold_after_connect
         #: Total bytes fed so far, heart-beat EOLs included: liveness for heart-beat checks.
         self.bytes_received = 0
         self._buf = bytearray()
@@ -112,18 +117,28 @@ class Decoder:
                     if done is None:
                         break
                     if done:  # NUL ended the header block (stomper's DISCONNECT)
-                        frames.append(self._finish(b""))
+                        if self._emit(self._finish(b""), frames):
+                            break
                         continue
                 body = self._read_body()
                 if body is None:
                     break
-                frames.append(self._finish(body))
+                if self._emit(self._finish(body), frames):
+                    break
         finally:
             if self._pos:
                 del buf[: self._pos]
                 self._scan -= self._pos
                 self._pos = 0
         return frames
+
+    def _emit(self, frame: Frame, frames: list[Frame]) -> bool:
+        """Collect a frame; True when decoding must pause behind it (``hold_after_connect``)."""
+        frames.append(frame)
+        if self.hold_after_connect and frame.command in ("CONNECT", "STOMP"):
+            self.hold_after_connect = False
+            return True
+        return False
 
     # -- states
 

@@ -1,0 +1,65 @@
+"""The bounds that keep the embedded broker's memory finite whatever its peers do.
+
+One record, given to :class:`vmcloud.broker.broker.Broker` at construction.  Every figure here is
+a ceiling a misbehaving or slow peer runs into; the defaults suit a controller serving a few
+thousand guests on one host.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from vmcloud.stomp.codec import Limits
+
+MiB = 1024 * 1024
+
+
+@attrs.frozen
+class BrokerLimits:
+    """Per-connection, per-destination and broker-wide bounds, plus heart-beat and timing policy.
+
+    Memory bound, roughly: connections x (one read + one unfinished frame + open transactions)
+    + stored messages (``max_stored_bytes``) + what slow topic consumers may hold
+    (``max_consumer_lag_bytes`` each).
+    """
+
+    #: Frame limits of the codec (header count, header line length, body size).
+    frame: Limits = attrs.field(factory=Limits)
+    #: Open connections at once; one more gets an ERROR frame and is closed.
+    max_connections: int = 10_000
+    #: Subscriptions one connection may hold.
+    max_subscriptions: int = 64
+    #: Transactions one connection may have open, and frames/bytes held per transaction.
+    max_transactions: int = 16
+    max_transaction_frames: int = 1_000
+    max_transaction_bytes: int = 16 * MiB
+    #: Messages a ``client``/``client-individual`` queue subscriber may hold un-acked (prefetch);
+    #: further messages wait in the queue until it acks.
+    max_unacked: int = 1_000
+    #: A queue's stored backlog above which its publishers are paused; they resume once it falls
+    #: below half of it.
+    queue_high_water_messages: int = 1_000
+    queue_high_water_bytes: int = 8 * MiB
+    #: Hard cap of one queue's backlog: beyond it the oldest messages are dropped (and counted).
+    #: Only publishers that cannot be paused (in-process sessions) ever reach it.
+    queue_max_messages: int = 10_000
+    queue_max_bytes: int = 64 * MiB
+    #: Broker-wide cap of stored messages; a SEND that would exceed it is refused with ERROR.
+    max_stored_bytes: int = 256 * MiB
+    max_stored_messages: int = 100_000
+    #: Bytes written to a consumer whose socket buffer is full before it is dropped as too slow.
+    max_consumer_lag_bytes: int = 8 * MiB
+    #: Heart-beats offered in CONNECTED, ms: how often the broker can send, and wants to hear
+    #: from the client.  The negotiated interval is never shorter than these.
+    heartbeat_send_ms: int = 10_000
+    heartbeat_receive_ms: int = 10_000
+    #: A client is dropped after this many negotiated intervals without a byte from it.
+    heartbeat_grace: float = 2.5
+    #: Seconds a new connection has to send CONNECT.
+    connect_timeout: float = 10.0
+    #: Seconds an ERROR-ed connection may take to read its ERROR before it is aborted.
+    close_timeout: float = 5.0
+
+
+#: The defaults, shared so that signatures can name them.
+DEFAULT_LIMITS = BrokerLimits()

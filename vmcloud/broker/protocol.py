@@ -1,0 +1,677 @@
+"""The STOMP server side of one TCP connection, and the factory that listens for them.
+
+The protocol adapts the sans-IO codec and the realm to a transport and a clock: it negotiates
+the version, logs the peer in through twisted.cred, enforces the ACL and the limits, keeps
+transactions, beats and watches heart-beats, and applies back-pressure both ways (it is a push
+producer on its own transport, so it learns when the peer stops reading; the realm tells it to
+stop reading when a consumer it publishes to falls behind).
+
+Every refusal is an ERROR frame (``message`` header, ``receipt-id`` when the bad frame asked for a
+receipt, a text body), then the connection closes once the ERROR is flushed; the broker and its
+other clients carry on.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.metadata
+import itertools
+import typing
+from collections import deque
+from collections.abc import Callable, Mapping
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from vmcloud.broker.auth import IStompAvatar, StompLogin
+from vmcloud.broker.limits import BrokerLimits
+from vmcloud.broker.realm import (
+    AckMode,
+    IBrokerClient,
+    Message,
+    Peer,
+    Realm,
+    RealmError,
+    Subscription,
+)
+from vmcloud.stomp.codec import HEARTBEAT, VERSIONS, Decoder, ProtocolError, encode
+from vmcloud.stomp.frame import Frame
+
+log = Logger()
+
+
+def _server_name() -> str:
+    try:
+        return f"vmcloud/{importlib.metadata.version('vmcloud')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "vmcloud/dev"
+
+
+#: The ``server`` header of CONNECTED frames.
+SERVER_NAME = _server_name()
+
+
+class _Transport(typing.Protocol):
+    """What the protocol uses of its transport: a TCP transport, a StringTransport, iosim's."""
+
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...  # noqa: N802
+    def getPeer(self) -> IAddress: ...  # noqa: N802
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...  # noqa: N802
+    def unregisterProducer(self) -> None: ...  # noqa: N802
+    def pauseProducing(self) -> None: ...  # noqa: N802
+    def resumeProducing(self) -> None: ...  # noqa: N802
+
+
+class _State(enum.Enum):
+    AWAIT_CONNECT = "await-connect"
+    AUTHENTICATING = "authenticating"
+    CONNECTED = "connected"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class _Transaction:
+    __slots__ = ("frames", "size")
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.size = 0
+
+
+def _heart_beat(value: str | None) -> tuple[int, int]:
+    if value is None:
+        return 0, 0
+    try:
+        cx, cy = (int(part) for part in value.split(","))
+    except ValueError:
+        raise ProtocolError("heart-beat header must be two integers: cx,cy") from None
+    if cx < 0 or cy < 0:
+        raise ProtocolError("heart-beat values must not be negative")
+    return cx, cy
+
+
+def _short(text: str, limit: int = 64) -> str:
+    """Peer-provided text made safe and short for an ERROR message or a log line."""
+    text = text.replace("\r", " ").replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@implementer(IBrokerClient, IPushProducer)
+class StompServerProtocol(Protocol):
+    """One client connection to the embedded broker."""
+
+    local = False
+
+    def __init__(self, factory: StompServerFactory) -> None:
+        self.factory = factory
+        self.out: _Transport
+        self.limits = factory.limits
+        self.decoder = Decoder(factory.limits.frame, hold_after_connect=True)
+        self.version = "1.2"  # what ERROR frames use until a version is negotiated
+        self.state = _State.AWAIT_CONNECT
+        self.avatar: IStompAvatar | None = None
+        self.peer: Peer | None = None
+        self.address = "?"
+        self.session_id = ""
+        self._inbox: deque[Frame] = deque()
+        self._reading_paused = False
+        self._registered = False
+        self._transactions: dict[str, _Transaction] = {}
+        self._last_write = 0.0
+        self._out_interval = 0.0
+        self._in_interval = 0.0
+        self._heard_bytes = 0
+        self._heard_at = 0.0
+        self._timer: IDelayedCall | None = None  # CONNECT timeout, then the close timeout
+        self._beat_call: IDelayedCall | None = None
+        self._check_call: IDelayedCall | None = None
+        self._resume_call: IDelayedCall | None = None
+
+    # -- connection life
+
+    def connectionMade(self) -> None:  # noqa: N802
+        factory = self.factory
+        self.out = typing.cast(_Transport, self.transport)
+        peer = self.out.getPeer()
+        host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+        self.address = f"{host}:{port}" if host is not None else str(peer)
+        self.session_id = f"session-{next(factory.session_ids)}"
+        factory.connections.add(self)
+        self.out.registerProducer(self, True)
+        self._registered = True
+        if len(factory.connections) > self.limits.max_connections:
+            log.warn(
+                "Refusing STOMP connection from {address}: {limit} connections already",
+                address=self.address,
+                limit=self.limits.max_connections,
+                event="broker-connection-limit",
+            )
+            self._fail("too many connections")
+            return
+        self._timer = factory.clock.callLater(self.limits.connect_timeout, self._connect_timed_out)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        was = self.state
+        self.state = _State.CLOSED
+        self._cancel_timers()
+        self._inbox.clear()
+        self._transactions.clear()
+        self.factory.forget(self)
+        if self.peer is not None:
+            self.factory.realm.detach(self.peer)
+        if was is _State.CONNECTED and self.avatar is not None:
+            log.info(
+                "STOMP {identity} from {address} disconnected",
+                identity=self.avatar.identity,
+                address=self.address,
+                event="broker-disconnect",
+            )
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.state is _State.CLOSING or self.state is _State.CLOSED:
+            return
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as e:
+            self._fail(e.message)
+            return
+        self._inbox.extend(frames)
+        self._process()
+
+    # -- frames
+
+    def _process(self) -> None:
+        self._resume_call = None
+        inbox = self._inbox
+        while inbox and not self._reading_paused:
+            if self.state is not _State.AWAIT_CONNECT and self.state is not _State.CONNECTED:
+                return
+            frame = inbox.popleft()
+            try:
+                self._handle(frame)
+            except ProtocolError as e:
+                self._fail(e.message, frame)
+                return
+            except Exception:
+                log.failure(
+                    "Internal error handling a {command} frame from {address}",
+                    command=_short(frame.command),
+                    address=self.address,
+                    event="broker-internal-error",
+                )
+                self._fail("internal broker error", frame)
+                return
+
+    def _handle(self, frame: Frame) -> None:
+        command = frame.command
+        if self.state is _State.AWAIT_CONNECT:
+            if command == "CONNECT" or command == "STOMP":
+                self._connect(frame)
+                return
+            raise ProtocolError(f"expected CONNECT or STOMP first, got {_short(command)}")
+        handler = _HANDLERS.get(command)
+        if handler is None:
+            if command == "CONNECT" or command == "STOMP":
+                raise ProtocolError("already connected")
+            raise ProtocolError(f"unknown command {_short(command)}")
+        handler(self, frame)
+        receipt = frame.headers.get("receipt")
+        if receipt is not None and self.state is _State.CONNECTED:
+            self._write(Frame("RECEIPT", {"receipt-id": receipt}))
+
+    def _connect(self, frame: Frame) -> None:
+        headers = frame.headers
+        accept = headers.get("accept-version")
+        if accept is None:
+            version = "1.0"
+        else:
+            offered = {v.strip() for v in accept.split(",")}
+            common = [v for v in VERSIONS if v in offered]
+            if not common:
+                self._fail(
+                    f"no common STOMP version (client offers {_short(accept)})",
+                    frame,
+                    {"version": ",".join(VERSIONS)},
+                )
+                return
+            version = common[-1]
+        self.version = version
+        self.decoder.version = version
+        login = headers.get("login", "")
+        passcode = headers.get("passcode", "")
+        beats = (0, 0)
+        if version == "1.0":
+            login, passcode = login.strip(), passcode.strip()
+        else:
+            beats = _heart_beat(headers.get("heart-beat"))
+        self.state = _State.AUTHENTICATING
+        d = self.factory.portal.login(StompLogin(login, passcode), None, IStompAvatar)
+        d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(beats,), errbackArgs=(login,))
+        d.addErrback(
+            lambda f: log.failure(
+                "Login of {address} failed unexpectedly",
+                f,
+                address=self.address,
+                event="broker-internal-error",
+            )
+        )
+
+    def _logged_in(
+        self, result: tuple[type[Interface], IStompAvatar, Callable[[], None]], beats: tuple[int, int]
+    ) -> None:
+        if self.state is not _State.AUTHENTICATING:
+            return  # the connection went away meanwhile
+        _interface, avatar, _logout = result
+        self.avatar = avatar
+        self.state = _State.CONNECTED
+        self._cancel_timer()
+        factory = self.factory
+        self.peer = factory.realm.attach(self, f"{avatar.identity}@{self.address}")
+        factory.logged_in(self, avatar)
+        headers = {"version": self.version, "session": self.session_id, "server": factory.server}
+        if self.version != "1.0":
+            limits = self.limits
+            cx, cy = beats
+            sx, sy = limits.heartbeat_send_ms, limits.heartbeat_receive_ms
+            headers["heart-beat"] = f"{sx},{sy}"
+            self._start_heartbeats(max(sx, cy) if sx and cy else 0, max(cx, sy) if cx and sy else 0)
+        self._write(Frame("CONNECTED", headers))
+        log.info(
+            "STOMP {identity} connected from {address} (STOMP {version}, {access})",
+            identity=avatar.identity,
+            address=self.address,
+            version=self.version,
+            access="full access" if avatar.full_access else "guest",
+            event="broker-connect",
+        )
+        try:
+            self._inbox.extend(self.decoder.feed(b""))
+        except ProtocolError as e:
+            self._fail(e.message)
+            return
+        self._process()
+
+    def _login_failed(self, failure: Failure, login: str) -> None:
+        if self.state is not _State.AUTHENTICATING:
+            return
+        reason = failure.getErrorMessage() if failure.check(UnauthorizedLogin) else "login error"
+        log.warn(
+            "STOMP login {login!r} from {address} refused: {reason}",
+            login=_short(login),
+            address=self.address,
+            reason=reason,
+            event="broker-auth-failed",
+        )
+        self._fail("authentication failed")
+
+    # -- commands after CONNECT
+
+    def _send(self, frame: Frame) -> None:
+        destination = self._destination(frame)
+        assert self.avatar is not None
+        if not self.avatar.may_send(destination):
+            raise ProtocolError(f"not allowed to send to {_short(destination)}")
+        if not self._held(frame):
+            self._publish(frame)
+
+    def _publish(self, frame: Frame) -> None:
+        assert self.avatar is not None and self.peer is not None
+        headers: Mapping[str, str] = frame.headers
+        if not self.avatar.full_access:
+            headers = {**headers, "user-id": self.avatar.identity}
+        try:
+            self.factory.realm.send(self.peer, headers["destination"], headers, frame.body)
+        except RealmError as e:
+            raise ProtocolError(str(e)) from None
+
+    def _subscribe(self, frame: Frame) -> None:
+        assert self.avatar is not None and self.peer is not None
+        destination = self._destination(frame)
+        sub_id = frame.headers.get("id")
+        if sub_id is None:
+            if self.version != "1.0":
+                raise ProtocolError("SUBSCRIBE without an id header")
+            sub_id = destination
+        try:
+            ack = AckMode(frame.headers.get("ack", "auto"))
+        except ValueError:
+            raise ProtocolError("ack must be auto, client or client-individual") from None
+        if not self.avatar.may_subscribe(destination):
+            raise ProtocolError(f"not allowed to subscribe to {_short(destination)}")
+        try:
+            self.factory.realm.subscribe(self.peer, sub_id, destination, ack)
+        except RealmError as e:
+            raise ProtocolError(str(e)) from None
+
+    def _unsubscribe(self, frame: Frame) -> None:
+        assert self.peer is not None
+        sub_id = frame.headers.get("id")
+        if sub_id is None:
+            destination = frame.headers.get("destination")
+            if destination is None:
+                raise ProtocolError("UNSUBSCRIBE without an id header")
+            sub_id = next(
+                (s.id for s in self.peer.subscriptions.values() if s.destination == destination), None
+            )
+            if sub_id is None:
+                return
+        self.factory.realm.unsubscribe(self.peer, sub_id)
+
+    def _ack(self, frame: Frame) -> None:
+        self._ack_id(frame)
+        if not self._held(frame):
+            self._apply_ack(frame)
+
+    def _apply_ack(self, frame: Frame) -> None:
+        assert self.peer is not None
+        ack_id = self._ack_id(frame)
+        realm = self.factory.realm
+        if frame.command == "ACK":
+            realm.ack(self.peer, ack_id)
+        else:
+            realm.nack(self.peer, ack_id)
+
+    def _begin(self, frame: Frame) -> None:
+        tx = self._transaction_id(frame)
+        if tx in self._transactions:
+            raise ProtocolError(f"transaction {_short(tx)} is already open")
+        if len(self._transactions) >= self.limits.max_transactions:
+            raise ProtocolError(f"more than {self.limits.max_transactions} open transactions")
+        self._transactions[tx] = _Transaction()
+
+    def _commit(self, frame: Frame) -> None:
+        transaction = self._pop_transaction(frame)
+        for held in transaction.frames:
+            if held.command == "SEND":
+                self._publish(held)
+            else:
+                self._apply_ack(held)
+
+    def _abort(self, frame: Frame) -> None:
+        self._pop_transaction(frame)
+
+    def _disconnect(self, frame: Frame) -> None:
+        self._transactions.clear()
+        receipt = frame.headers.get("receipt")
+        if receipt is not None:
+            self._write(Frame("RECEIPT", {"receipt-id": receipt}))
+        self._close()
+
+    # -- helpers for commands
+
+    @staticmethod
+    def _destination(frame: Frame) -> str:
+        destination = frame.headers.get("destination")
+        if not destination:
+            raise ProtocolError(f"{frame.command} without a destination header")
+        return destination
+
+    @staticmethod
+    def _ack_id(frame: Frame) -> str:
+        ack_id = frame.headers.get("id") or frame.headers.get("message-id")
+        if not ack_id:
+            raise ProtocolError(f"{frame.command} without an id (or message-id) header")
+        return ack_id
+
+    @staticmethod
+    def _transaction_id(frame: Frame) -> str:
+        tx = frame.headers.get("transaction")
+        if not tx:
+            raise ProtocolError(f"{frame.command} without a transaction header")
+        return tx
+
+    def _pop_transaction(self, frame: Frame) -> _Transaction:
+        tx = self._transaction_id(frame)
+        transaction = self._transactions.pop(tx, None)
+        if transaction is None:
+            raise ProtocolError(f"unknown transaction {_short(tx)}")
+        return transaction
+
+    def _held(self, frame: Frame) -> bool:
+        """Hold ``frame`` in its transaction, if it names one; False when it has none."""
+        tx = frame.headers.get("transaction")
+        if tx is None:
+            return False
+        transaction = self._transactions.get(tx)
+        if transaction is None:
+            raise ProtocolError(f"unknown transaction {_short(tx)}")
+        limits = self.limits
+        transaction.size += len(frame.body) + 256
+        transaction.frames.append(frame)
+        if (
+            len(transaction.frames) > limits.max_transaction_frames
+            or transaction.size > limits.max_transaction_bytes
+        ):
+            raise ProtocolError("transaction too large")
+        return True
+
+    # -- output
+
+    def _write(self, frame: Frame) -> int:
+        try:
+            data = encode(frame, self.version)
+        except ValueError:
+            # A 1.0 peer cannot receive headers with line breaks: leave those out.
+            headers = {k: v for k, v in frame.headers.items() if _representable(k, v)}
+            data = encode(Frame(frame.command, headers, frame.body), self.version)
+        if self._out_interval:
+            self._last_write = self.factory.clock.seconds()
+        self.out.write(data)
+        return len(data)
+
+    def deliver(self, subscription: Subscription, message: Message) -> int:
+        """IBrokerClient: write one MESSAGE frame for ``subscription``."""
+        message_id = message.message_id
+        headers = {
+            "destination": message.destination,
+            "message-id": message_id,
+            "subscription": subscription.id,
+        }
+        if subscription.ack is not AckMode.AUTO:
+            headers["ack"] = message_id
+        if message.redelivered:
+            headers["redelivered"] = "true"
+        headers.update(message.headers)
+        return self._write(Frame("MESSAGE", headers, message.body))
+
+    def _fail(self, message: str, frame: Frame | None = None, extra: Mapping[str, str] | None = None) -> None:
+        """Send ERROR saying ``message``, then close once it is flushed."""
+        if self.state is _State.CLOSING or self.state is _State.CLOSED:
+            return
+        identity = self.avatar.identity if self.avatar is not None else None
+        log.warn(
+            "STOMP ERROR to {identity} at {address}: {reason}",
+            identity=identity,
+            address=self.address,
+            reason=message,
+            event="broker-error-sent",
+        )
+        headers = {"message": _short(message, 200), "content-type": "text/plain"}
+        if extra:
+            headers.update(extra)
+        if frame is not None and frame.command not in ("CONNECT", "STOMP"):
+            receipt = frame.headers.get("receipt")
+            if receipt is not None:
+                headers["receipt-id"] = receipt
+        self._write(Frame("ERROR", headers, message.encode("utf-8")))
+        self._close()
+
+    def _close(self) -> None:
+        """Stop everything and close the connection after flushing what was written."""
+        self.state = _State.CLOSING
+        self._cancel_timers()
+        self._inbox.clear()
+        if self.peer is not None:
+            self.factory.realm.detach(self.peer)
+        transport = self.out
+        if self._registered:
+            self._registered = False
+            transport.unregisterProducer()
+        self._reading_paused = False
+        transport.loseConnection()
+        self._timer = self.factory.clock.callLater(self.limits.close_timeout, self._abort_connection)
+
+    def _abort_connection(self) -> None:
+        self._timer = None
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+
+    def kill(self, reason: str) -> None:
+        """IBrokerClient: ERROR and close (a slow consumer, revoked credentials)."""
+        self._fail(reason)
+
+    # -- back-pressure: the realm pauses our reading
+
+    def pause_reading(self) -> None:
+        if self.state is not _State.CONNECTED:
+            return
+        self._reading_paused = True
+        self.out.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if not self._reading_paused or self.state is not _State.CONNECTED:
+            return
+        self._reading_paused = False
+        self.out.resumeProducing()
+        if self._inbox and self._resume_call is None:
+            self._resume_call = self.factory.clock.callLater(0, self._process)
+
+    # -- IPushProducer: the transport tells us the peer is not reading
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        if self.peer is not None:
+            self.factory.realm.consumer_congested(self.peer)
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        if self.peer is not None and self.state is _State.CONNECTED:
+            self.factory.realm.consumer_drained(self.peer)
+
+    def stopProducing(self) -> None:  # noqa: N802
+        pass
+
+    # -- timers
+
+    def _connect_timed_out(self) -> None:
+        self._timer = None
+        self._fail(f"no CONNECT within {self.limits.connect_timeout:g} s")
+
+    def _start_heartbeats(self, out_ms: int, in_ms: int) -> None:
+        clock = self.factory.clock
+        if out_ms:
+            self._out_interval = out_ms / 1000
+            self._last_write = clock.seconds()
+            self._beat_call = clock.callLater(self._out_interval, self._beat)
+        if in_ms:
+            self._in_interval = in_ms / 1000
+            self._heard_bytes = self.decoder.bytes_received
+            self._heard_at = clock.seconds()
+            self._check_call = clock.callLater(self._in_interval / 2, self._check_heard)
+
+    def _beat(self) -> None:
+        """Send an EOL unless something went out within the interval; come back when due."""
+        clock = self.factory.clock
+        now = clock.seconds()
+        due = self._last_write + self._out_interval
+        if now >= due - 0.001:
+            self.out.write(HEARTBEAT)
+            self._last_write = now
+            due = now + self._out_interval
+        self._beat_call = clock.callLater(due - now, self._beat)
+
+    def _check_heard(self) -> None:
+        clock = self.factory.clock
+        now = clock.seconds()
+        self._check_call = None
+        if self.decoder.bytes_received != self._heard_bytes or self._reading_paused:
+            self._heard_bytes = self.decoder.bytes_received
+            self._heard_at = now
+        elif now - self._heard_at >= self.limits.heartbeat_grace * self._in_interval:
+            log.info(
+                "Dropping STOMP {identity} at {address}: silent for {silence:.1f} s",
+                identity=self.avatar.identity if self.avatar is not None else None,
+                address=self.address,
+                silence=now - self._heard_at,
+                event="broker-heartbeat-timeout",
+            )
+            self._fail("heart-beat timeout")
+            return
+        self._check_call = clock.callLater(self._in_interval / 2, self._check_heard)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _cancel_timers(self) -> None:
+        self._cancel_timer()
+        for name in ("_beat_call", "_check_call", "_resume_call"):
+            call: IDelayedCall | None = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
+
+
+def _representable(name: str, value: str) -> bool:
+    return not any(c in name for c in ":\r\n") and "\n" not in value and "\r" not in value
+
+
+_HANDLERS: dict[str, Callable[[StompServerProtocol, Frame], None]] = {
+    "SEND": StompServerProtocol._send,
+    "SUBSCRIBE": StompServerProtocol._subscribe,
+    "UNSUBSCRIBE": StompServerProtocol._unsubscribe,
+    "ACK": StompServerProtocol._ack,
+    "NACK": StompServerProtocol._ack,
+    "BEGIN": StompServerProtocol._begin,
+    "COMMIT": StompServerProtocol._commit,
+    "ABORT": StompServerProtocol._abort,
+    "DISCONNECT": StompServerProtocol._disconnect,
+}
+
+
+class StompServerFactory(Factory):
+    """Builds a :class:`StompServerProtocol` per connection and knows who is connected."""
+
+    noisy = False
+
+    def __init__(self, clock: IReactorTime, realm: Realm, portal: Portal, limits: BrokerLimits) -> None:
+        self.clock = clock
+        self.realm = realm
+        self.portal = portal
+        self.limits = limits
+        self.server = SERVER_NAME
+        self.session_ids = itertools.count(1)
+        self.connections: set[StompServerProtocol] = set()
+        self._by_identity: dict[str, set[StompServerProtocol]] = {}
+
+    def buildProtocol(self, addr: IAddress | None) -> StompServerProtocol:  # noqa: N802
+        return StompServerProtocol(self)
+
+    def logged_in(self, protocol: StompServerProtocol, avatar: IStompAvatar) -> None:
+        """Remember guests by identity, so that revoking credentials can drop them."""
+        if not avatar.full_access:
+            self._by_identity.setdefault(avatar.identity, set()).add(protocol)
+
+    def forget(self, protocol: StompServerProtocol) -> None:
+        """The connection is gone."""
+        self.connections.discard(protocol)
+        avatar = protocol.avatar
+        if avatar is not None:
+            same = self._by_identity.get(avatar.identity)
+            if same is not None:
+                same.discard(protocol)
+                if not same:
+                    del self._by_identity[avatar.identity]
+
+    def drop_identity(self, identity: str, reason: str) -> int:
+        """ERROR and close every connection of the guest ``identity``; return how many."""
+        protocols = list(self._by_identity.get(identity, ()))
+        for protocol in protocols:
+            protocol.kill(reason)
+        return len(protocols)
