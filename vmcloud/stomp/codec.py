@@ -30,6 +30,27 @@ UNESCAPED_COMMANDS = frozenset({"CONNECT", "CONNECTED", "STOMP"})
 #: The only frames the spec lets carry a body; the encoder always gives them a content-length.
 BODY_COMMANDS = frozenset({"SEND", "MESSAGE", "ERROR"})
 
+#: Every command of STOMP 1.0-1.2, client and server side (the encoder checks others).
+_COMMANDS = frozenset(
+    {
+        "CONNECT",
+        "STOMP",
+        "CONNECTED",
+        "SEND",
+        "SUBSCRIBE",
+        "UNSUBSCRIBE",
+        "ACK",
+        "NACK",
+        "BEGIN",
+        "COMMIT",
+        "ABORT",
+        "DISCONNECT",
+        "MESSAGE",
+        "RECEIPT",
+        "ERROR",
+    }
+)
+
 _UNESCAPE_11 = {ord("n"): "\n", ord("c"): ":", ord("\\"): "\\"}
 _UNESCAPE_12 = {**_UNESCAPE_11, ord("r"): "\r"}
 _ESCAPE_11 = str.maketrans({"\\": "\\\\", "\n": "\\n", ":": "\\c"})
@@ -160,6 +181,8 @@ class Decoder:
         self._pos = pos
         if pos == end:
             return False
+        if self._fast_head():
+            return True
         line = self._line()
         if line is None:
             return False
@@ -197,21 +220,59 @@ class Decoder:
             self._header_count += 1
             if self._header_count > limits.max_headers:
                 raise ProtocolError(f"more than {limits.max_headers} headers")
-            text = _text(line, "header")
-            colon = text.find(":")
-            if colon <= 0:
-                raise ProtocolError("header line without a name and a colon")
-            name = text[:colon]
-            value = text[colon + 1 :]
-            if escaped:
+            self._header(_text(line, "header"), escaped, unescape)
+
+    def _header(self, text: str, escaped: bool, unescape: Mapping[int, str]) -> None:
+        """Record one decoded header line (the first occurrence of a name wins)."""
+        colon = text.find(":")
+        if colon <= 0:
+            raise ProtocolError("header line without a name and a colon")
+        name = text[:colon]
+        value = text[colon + 1 :]
+        if escaped:
+            if "\\" in name:
                 name = _unescape(name, unescape)
+            if "\\" in value:
                 value = _unescape(value, unescape)
-            elif self.version == "1.0" and command not in UNESCAPED_COMMANDS:
-                value = value.strip()
-            if name not in self._headers:
-                self._headers[name] = value
-                if name == "content-length":
-                    self._length = _content_length(value, limits.max_body)
+        elif self.version == "1.0" and self._command not in UNESCAPED_COMMANDS:
+            value = value.strip()
+        if name not in self._headers:
+            self._headers[name] = value
+            if name == "content-length":
+                self._length = _content_length(value, self.limits.max_body)
+
+    def _fast_head(self) -> bool:
+        """Parse command and headers in one go when the whole block is buffered and plain.
+
+        The common case (LF endings, no NUL in the header block, within the limits); anything
+        else returns False and goes through the line-by-line path, which reports errors.
+        """
+        buf, pos = self._buf, self._pos
+        end = buf.find(b"\n\n", pos)
+        if end < 0:
+            return False
+        block = bytes(buf[pos:end])
+        if b"\x00" in block or b"\r" in block:
+            return False
+        lines = block.split(b"\n")
+        limits = self.limits
+        if len(lines) > limits.max_headers + 1 or max(map(len, lines)) > limits.max_header_line:
+            return False
+        try:
+            text_lines = block.decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            return False
+        command = text_lines[0]
+        self._command = command
+        self._headers = {}
+        self._length = None
+        escaped = self.version != "1.0" and command not in UNESCAPED_COMMANDS
+        unescape = _UNESCAPE_12 if self.version == "1.2" else _UNESCAPE_11
+        for line in text_lines[1:]:
+            self._header(line, escaped, unescape)
+        self._pos = self._scan = end + 2
+        self._state = _BODY
+        return True
 
     def _read_body(self) -> bytes | None:
         buf, pos = self._buf, self._pos
@@ -311,7 +372,7 @@ def encode(frame: Frame, version: str = "1.2") -> bytes:
     for a header the version cannot represent (a newline in a 1.0 or CONNECT header, for example).
     """
     command = frame.command
-    if not command or any(c in command for c in "\r\n\x00:"):
+    if command not in _COMMANDS and (not command or any(c in command for c in "\r\n\x00:")):
         raise ValueError(f"not a STOMP command: {command!r}")
     escaped = version != "1.0" and command not in UNESCAPED_COMMANDS
     table = _ESCAPE_12 if version == "1.2" else _ESCAPE_11

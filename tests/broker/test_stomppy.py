@@ -1,0 +1,442 @@
+"""Acceptance 3: stomp.py (a real client library) and raw sockets against a real listening broker.
+
+The broker runs in a subprocess (``tests/broker/run_broker.py``) on 127.0.0.1 with a free port,
+shared by the tests of this module; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import stomp
+import stomper
+import stomper.stomp_10 as stomp_10
+from twisted.trial.unittest import SynchronousTestCase
+
+from vmcloud.stomp.codec import Decoder, encode
+from vmcloud.stomp.frame import Frame
+from vmcloud.words.destinations import BROADCAST, CONTROLLER, guest_destination
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TIMEOUT = 10.0
+MAX_BODY = 2 * 1024 * 1024
+HEARTBEAT_MS = 100
+LOGIN = ("controller", "controller-secret")
+
+
+class Listener(stomp.ConnectionListener):  # type: ignore[misc]
+    """Collects what a stomp.py connection receives, with blocking waits."""
+
+    def __init__(self) -> None:
+        self.messages: queue.Queue[Any] = queue.Queue()
+        self.errors: queue.Queue[Any] = queue.Queue()
+        self.receipts: queue.Queue[str] = queue.Queue()
+        self.disconnected = threading.Event()
+
+    def on_message(self, frame: Any) -> None:
+        self.messages.put(frame)
+
+    def on_error(self, frame: Any) -> None:
+        self.errors.put(frame)
+
+    def on_receipt(self, frame: Any) -> None:
+        self.receipts.put(frame.headers["receipt-id"])
+
+    def on_disconnected(self) -> None:
+        self.disconnected.set()
+
+    def message(self) -> Any:
+        return self.messages.get(timeout=TIMEOUT)
+
+    def receipt(self, expected: str) -> None:
+        self.assert_equal(self.receipts.get(timeout=TIMEOUT), expected)
+
+    def nothing_more(self, wait: float = 0.3) -> bool:
+        time.sleep(wait)
+        return self.messages.empty()
+
+    @staticmethod
+    def assert_equal(got: object, expected: object) -> None:
+        assert got == expected, (got, expected)
+
+
+class BrokerProcess:
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.broker.run_broker", *args],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], 30)
+        if not ready:
+            self.stop()
+            raise RuntimeError("the broker did not start within 30 s")
+        line = self.process.stdout.readline()
+        if not line:
+            self.stop()
+            raise RuntimeError("the broker exited before listening")
+        info = json.loads(line)
+        self.port: int = info["port"]
+        self.credentials: dict[str, list[str]] = info["credentials"]
+
+    def stop(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+class StompPyTests(SynchronousTestCase):
+    broker: ClassVar[BrokerProcess]
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.broker = BrokerProcess(
+            "--heartbeat-ms", str(HEARTBEAT_MS), "--max-body", str(MAX_BODY), "--mint", "a", "--mint", "b"
+        )
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.broker.stop()
+
+    def setUp(self) -> None:
+        self.connections: list[Any] = []
+
+    def tearDown(self) -> None:
+        for connection in self.connections:
+            try:
+                if connection.is_connected():
+                    connection.disconnect()
+            except Exception:  # already gone is fine here
+                pass
+
+    # -- helpers
+
+    def connect(
+        self,
+        version: str = "1.2",
+        login: tuple[str, str] = LOGIN,
+        heartbeats: tuple[int, int] = (0, 0),
+    ) -> tuple[Any, Listener]:
+        cls = {"1.0": stomp.Connection10, "1.1": stomp.Connection11, "1.2": stomp.Connection12}[version]
+        kwargs: dict[str, Any] = {"auto_decode": False}
+        if version != "1.0":
+            kwargs["heartbeats"] = heartbeats
+            kwargs["vhost"] = "whatever.example"
+        connection = cls([("127.0.0.1", self.broker.port)], **kwargs)
+        listener = Listener()
+        connection.set_listener("test", listener)
+        connection.connect(*login, wait=True)
+        self.connections.append(connection)
+        return connection, listener
+
+    @contextmanager
+    def raw(self) -> Iterator[socket.socket]:
+        sock = socket.create_connection(("127.0.0.1", self.broker.port), timeout=TIMEOUT)
+        try:
+            yield sock
+        finally:
+            sock.close()
+
+    @staticmethod
+    def read_until_closed(sock: socket.socket) -> list[Frame]:
+        """Every frame the broker sends until it closes the connection (fails on timeout)."""
+        decoder = Decoder()
+        frames: list[Frame] = []
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                return frames
+            frames.extend(decoder.feed(data))
+        raise AssertionError(f"connection still open; got {frames}")
+
+    def raw_connect(self, sock: socket.socket, heart_beat: str = "0,0") -> Frame:
+        connect = Frame(
+            "CONNECT",
+            {
+                "accept-version": "1.2",
+                "host": "h",
+                "login": LOGIN[0],
+                "passcode": LOGIN[1],
+                "heart-beat": heart_beat,
+            },
+        )
+        sock.sendall(encode(connect))
+        decoder = Decoder()
+        frames: list[Frame] = []
+        while not frames:
+            frames = decoder.feed(sock.recv(65536))
+        return frames[0]
+
+    def assert_others_carry_on(self) -> None:
+        connection, listener = self.connect()
+        connection.subscribe("/queue/carry-on", id="1")
+        connection.send("/queue/carry-on", b"still working", headers={"receipt": "ok"})
+        listener.receipt("ok")
+        self.assertEqual(listener.message().body, b"still working")
+
+    # -- acceptance 3
+
+    def test_version_negotiation(self) -> None:
+        for version in ("1.0", "1.1", "1.2"):
+            connection, listener = self.connect(version)
+            connection.subscribe("/queue/negotiated-" + version, id="s", ack="auto")
+            connection.send("/queue/negotiated-" + version, b"hi " + version.encode())
+            message = listener.message()
+            self.assertEqual(message.body, b"hi " + version.encode())
+            connection.disconnect()
+
+    def test_connected_frame_names_the_version(self) -> None:
+        for version in ("1.0", "1.1", "1.2"):
+            with self.raw() as sock:
+                headers = {"login": LOGIN[0], "passcode": LOGIN[1]}
+                if version != "1.0":
+                    headers.update({"accept-version": f"1.0,{version}", "host": "h"})
+                sock.sendall(encode(Frame("CONNECT", headers)))
+                decoder = Decoder()
+                frames: list[Frame] = []
+                while not frames:
+                    frames = decoder.feed(sock.recv(4096))
+                self.assertEqual(frames[0].headers["version"], version)
+
+    def test_receipts(self) -> None:
+        connection, listener = self.connect()
+        connection.subscribe("/topic/receipts", id="1", headers={"receipt": "sub-1"})
+        listener.receipt("sub-1")
+        connection.send("/topic/receipts", b"x", headers={"receipt": "send-1"})
+        listener.receipt("send-1")
+        connection.disconnect(receipt="bye-1")  # stomp.py waits for this receipt
+        self.assertTrue(listener.disconnected.wait(TIMEOUT))
+
+    def test_topic_fan_out_to_three_subscribers(self) -> None:
+        listeners = []
+        for n in range(3):
+            connection, listener = self.connect()
+            connection.subscribe("/topic/fan", id=str(n), headers={"receipt": f"r{n}"})
+            listener.receipt(f"r{n}")
+            listeners.append(listener)
+        publisher, _ = self.connect()
+        publisher.send("/topic/fan", b"to all", headers={"x-trace": "42"})
+        for listener in listeners:
+            message = listener.message()
+            self.assertEqual((message.body, message.headers["x-trace"]), (b"to all", "42"))
+
+    def test_queue_round_robin(self) -> None:
+        listeners = []
+        for n in range(2):
+            connection, listener = self.connect()
+            connection.subscribe("/queue/rr", id="1", headers={"receipt": f"r{n}"})
+            listener.receipt(f"r{n}")
+            listeners.append(listener)
+        publisher, plistener = self.connect()
+        for n in range(4):
+            publisher.send("/queue/rr", str(n).encode())
+        publisher.send("/topic/sync", b"", headers={"receipt": "sent"})
+        plistener.receipt("sent")
+        got = [sorted(listener.message().body for _ in range(2)) for listener in listeners]
+        self.assertEqual(got, [[b"0", b"2"], [b"1", b"3"]])
+
+    def test_client_individual_ack_and_redelivery_after_disconnect(self) -> None:
+        first, first_listener = self.connect()
+        first.subscribe("/queue/ci", id="1", ack="client-individual", headers={"receipt": "r"})
+        first_listener.receipt("r")
+        publisher, _ = self.connect()
+        for n in range(3):
+            publisher.send("/queue/ci", str(n).encode())
+        messages = [first_listener.message() for _ in range(3)]
+        self.assertEqual([m.body for m in messages], [b"0", b"1", b"2"])
+        first.ack(messages[1].headers["ack"], receipt="acked")
+        first_listener.receipt("acked")
+        first.disconnect()
+        second, second_listener = self.connect("1.1")
+        second.subscribe("/queue/ci", id="2", ack="client-individual")
+        redelivered = [second_listener.message() for _ in range(2)]
+        self.assertEqual([m.body for m in redelivered], [b"0", b"2"])
+        self.assertEqual({m.headers["redelivered"] for m in redelivered}, {"true"})
+        for message in redelivered:
+            second.ack(message.headers["message-id"], "2")  # the 1.1 form
+        self.assertTrue(second_listener.nothing_more())
+
+    def test_nul_inside_a_body(self) -> None:
+        connection, listener = self.connect()
+        connection.subscribe("/queue/binary", id="1")
+        body = b"\x00head\x00\x00tail\x00" + bytes(range(256))
+        connection.send("/queue/binary", body)
+        self.assertEqual(listener.message().body, body)
+
+    def test_one_megabyte_body(self) -> None:
+        connection, listener = self.connect()
+        connection.subscribe("/queue/big", id="1")
+        body = os.urandom(1024 * 1024)
+        connection.send("/queue/big", body)
+        message = listener.message()
+        self.assertEqual(len(message.body), len(body))
+        self.assertEqual(message.body, body)
+
+    def test_header_escaping_round_trip(self) -> None:
+        for version in ("1.1", "1.2"):
+            connection, listener = self.connect(version)
+            connection.subscribe("/queue/esc:" + version, id="1")
+            odd = "colon:backslash\\newline\nend" + ("\rcr" if version == "1.2" else "")
+            connection.send("/queue/esc:" + version, b"x", headers={"x-odd": odd, "x-utf8": "héhé ✓"})
+            message = listener.message()
+            self.assertEqual(message.headers["x-odd"], odd)
+            self.assertEqual(message.headers["x-utf8"], "héhé ✓")
+            self.assertEqual(message.headers["destination"], "/queue/esc:" + version)
+
+    def test_heart_beats_keep_a_client_and_silence_drops_one(self) -> None:
+        beating, listener = self.connect("1.2", heartbeats=(500, 0))
+        with self.raw() as silent:
+            connected = self.raw_connect(silent, heart_beat="500,0")
+            self.assertEqual(connected.headers["heart-beat"], f"{HEARTBEAT_MS},{HEARTBEAT_MS}")
+            started = time.monotonic()
+            frames = self.read_until_closed(silent)  # dropped after 2.5-3 intervals of silence
+            elapsed = time.monotonic() - started
+        self.assertEqual(frames[-1].headers["message"], "heart-beat timeout")
+        self.assertGreaterEqual(elapsed, 1.0)
+        time.sleep(max(0.0, 2.0 - elapsed))
+        self.assertTrue(beating.is_connected())
+        beating.send("/topic/alive", b"", headers={"receipt": "alive"})
+        listener.receipt("alive")
+
+    def test_error_cases_close_only_the_offender(self) -> None:
+        cases = {
+            "malformed": b"SEND\ndestination /queue/x\n\n\x00",
+            "bad escape": b"SEND\ndestination:/queue/x\\t\n\n\x00",
+            "unknown command": b"FROB\nreceipt:77\n\n\x00",
+            "content-length mismatch": b"SEND\ndestination:/queue/x\ncontent-length:2\n\nabc\x00",
+        }
+        for name, data in cases.items():
+            with self.raw() as sock:
+                self.assertEqual(self.raw_connect(sock).command, "CONNECTED", name)
+                sock.sendall(data)
+                frames = self.read_until_closed(sock)
+                self.assertEqual([f.command for f in frames], ["ERROR"], name)
+                self.assertTrue(frames[0].headers["message"], name)
+                self.assertEqual(frames[0].headers["content-length"], str(len(frames[0].body)))
+                if name == "unknown command":
+                    self.assertEqual(frames[0].headers["receipt-id"], "77")
+        self.assert_others_carry_on()
+
+    def test_frame_before_connect(self) -> None:
+        with self.raw() as sock:
+            sock.sendall(b"SEND\ndestination:/queue/x\n\nsneaky\x00")
+            frames = self.read_until_closed(sock)
+        self.assertEqual([f.command for f in frames], ["ERROR"])
+        self.assertIn("CONNECT", frames[0].headers["message"])
+        self.assert_others_carry_on()
+
+    def test_oversize_frame(self) -> None:
+        connection, listener = self.connect()
+        connection.send("/queue/oversize", b"x" * (MAX_BODY + 1))
+        error = listener.errors.get(timeout=TIMEOUT)
+        self.assertIn("larger than", error.headers["message"])
+        self.assertTrue(listener.disconnected.wait(TIMEOUT))
+        self.assert_others_carry_on()
+
+    def test_bad_login(self) -> None:
+        with self.raw() as sock:
+            sock.sendall(encode(Frame("CONNECT", {"accept-version": "1.2", "login": "x", "passcode": "y"})))
+            frames = self.read_until_closed(sock)
+        self.assertEqual([f.headers.get("message") for f in frames], ["authentication failed"])
+
+    def test_guest_acl(self) -> None:
+        login_a, passcode_a = self.broker.credentials["a"]
+        login_b, passcode_b = self.broker.credentials["b"]
+        controller, controller_listener = self.connect()
+        controller.subscribe(CONTROLLER, id="c", headers={"receipt": "c"})
+        controller_listener.receipt("c")
+        guest_b, listener_b = self.connect(login=(login_b, passcode_b))
+        guest_b.subscribe(guest_destination(login_b), id="own", headers={"receipt": "own"})
+        listener_b.receipt("own")
+        guest_a, listener_a = self.connect(login=(login_a, passcode_a))
+        guest_a.subscribe(BROADCAST, id="all", headers={"receipt": "all"})
+        listener_a.receipt("all")
+        guest_a.send(CONTROLLER, b"HELLO")
+        hello = controller_listener.message()
+        self.assertEqual((hello.body, hello.headers["user-id"]), (b"HELLO", login_a))
+        guest_a.subscribe(guest_destination(login_b), id="spy")
+        error = listener_a.errors.get(timeout=TIMEOUT)
+        self.assertIn("not allowed to subscribe", error.headers["message"])
+        self.assertTrue(listener_a.disconnected.wait(TIMEOUT))
+        controller.send(guest_destination(login_b), b"CMD_RUN")
+        self.assertEqual(listener_b.message().body, b"CMD_RUN")
+        guest_b.send(CONTROLLER, b"STILL_ALIVE")
+        self.assertEqual(controller_listener.message().body, b"STILL_ALIVE")
+
+    def test_transactions(self) -> None:
+        connection, listener = self.connect()
+        connection.subscribe("/queue/tx", id="1", headers={"receipt": "s"})
+        listener.receipt("s")
+        tx = connection.begin()
+        connection.send("/queue/tx", b"held", headers={"transaction": tx})
+        self.assertTrue(listener.nothing_more(0.2))
+        connection.commit(tx)
+        self.assertEqual(listener.message().body, b"held")
+        tx = connection.begin()
+        connection.send("/queue/tx", b"dropped", headers={"transaction": tx})
+        connection.abort(tx)
+        connection.send("/queue/tx", b"after", headers={"receipt": "after"})
+        listener.receipt("after")
+        self.assertEqual(listener.message().body, b"after")
+
+    def test_stomper_frames(self) -> None:
+        """A seed-001 agent built on stomper (1.1 frames, then stomp_10 with spaces)."""
+        controller, controller_listener = self.connect()
+        controller.subscribe("/queue/from-stomper", id="1", headers={"receipt": "r"})
+        controller_listener.receipt("r")
+        with self.raw() as sock:
+            sock.sendall(
+                (
+                    stomper.connect(*LOGIN, "agent-host", (0, 0))
+                    + stomper.subscribe("/queue/to-stomper", "7", "client-individual")
+                    + stomper.send("/queue/from-stomper", "HELLO\nfrom stomper")
+                ).encode()
+            )
+            self.assertEqual(controller_listener.message().body, b"HELLO\nfrom stomper")
+            controller.send("/queue/to-stomper", b"CMD_RUN")
+            decoder = Decoder()
+            decoder.version = "1.1"
+            frames: list[Frame] = []
+            while len(frames) < 2:
+                frames.extend(decoder.feed(sock.recv(65536)))
+            self.assertEqual([f.command for f in frames], ["CONNECTED", "MESSAGE"])
+            self.assertEqual(frames[0].headers["version"], "1.1")
+            message = frames[1]
+            sock.sendall(
+                (stomper.ack(message.headers["message-id"], "7") + stomper.disconnect("bye")).encode()
+            )
+            closing = self.read_until_closed(sock)
+        self.assertEqual(closing, [Frame("RECEIPT", {"receipt-id": "bye"})])
+        with self.raw() as sock:
+            sock.sendall(
+                (
+                    stomp_10.connect(*LOGIN)
+                    + stomp_10.send("/queue/from-stomper", "old style")
+                    + stomp_10.disconnect()
+                ).encode()
+            )
+            self.assertEqual([f.command for f in self.read_until_closed(sock)], ["CONNECTED"])
+        message = controller_listener.message()
+        self.assertEqual(
+            (message.body, message.headers["destination"]), (b"old style", "/queue/from-stomper")
+        )
