@@ -36,8 +36,14 @@ class Client:
 
     _ports = iter(range(40000, 60000))
 
-    def __init__(self, broker: Broker, *, bytewise: bool = False) -> None:
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", next(self._ports)))
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        bytewise: bool = False,
+        transport_class: type[StringTransport] = StringTransport,
+    ) -> None:
+        self.transport = transport_class(peerAddress=IPv4Address("TCP", "127.0.0.1", next(self._ports)))
         protocol = broker.factory().buildProtocol(None)
         assert isinstance(protocol, StompServerProtocol)
         self.protocol = protocol

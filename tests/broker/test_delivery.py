@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -314,6 +315,26 @@ class BackPressureTests(SynchronousTestCase):
         for _ in range(10):
             controller.send("/topic/firehose", b"x" * 200)
         self.assertIn("slow consumer", slow.error().headers["message"])
+
+    def test_one_large_message_does_not_make_a_consumer_slow(self) -> None:
+        """The write that fills the socket buffer is not lag; only what follows it counts."""
+
+        class SmallBuffer(StringTransport):
+            def write(self, data: bytes) -> None:
+                super().write(data)
+                if len(self.value()) > 4096 and self.producer is not None:
+                    self.producer.pauseProducing()
+
+        broker = make_broker(self.clock, limits=BrokerLimits(max_consumer_lag_bytes=10_000))
+        controller = broker.attach_local("controller")
+        consumer = Client(broker, transport_class=SmallBuffer)
+        consumer.connect()
+        consumer.subscribe("/topic/files")
+        controller.send("/topic/files", b"x" * 50_000)
+        self.assertFalse(consumer.closing)
+        self.assertEqual(bodies(consumer.frames()), [b"x" * 50_000])
+        controller.send("/topic/files", b"y" * 50_000)  # still congested: this one is lag
+        self.assertIn("slow consumer", consumer.error().headers["message"])
 
     def test_queue_hard_cap_drops_the_oldest(self) -> None:
         limits = BrokerLimits(queue_max_messages=5, queue_high_water_messages=3)

@@ -383,6 +383,61 @@ class StompPyTests(SynchronousTestCase):
         guest_b.send(CONTROLLER, b"STILL_ALIVE")
         self.assertEqual(controller_listener.message().body, b"STILL_ALIVE")
 
+    def test_flood_to_a_consumer_that_stopped_reading_pauses_the_publisher(self) -> None:
+        """Back-pressure end to end: memory stays bounded, nothing is lost, delivery resumes."""
+        import psutil
+
+        broker_process = psutil.Process(self.broker.process.pid)
+        rss_before = broker_process.memory_info().rss
+        chunk = 64 * 1024
+        message = encode(Frame("SEND", {"destination": "/topic/flood"}, b"f" * chunk))
+        with self.raw() as consumer, self.raw() as publisher:
+            self.raw_connect(consumer)
+            consumer.sendall(
+                encode(Frame("SUBSCRIBE", {"destination": "/topic/flood", "id": "1", "receipt": "s"}))
+            )
+            decoder = Decoder()
+            frames: list[Frame] = []
+            while not frames:
+                frames = decoder.feed(consumer.recv(4096))
+            self.assertEqual(frames[0].command, "RECEIPT")
+            self.raw_connect(publisher)
+            publisher.settimeout(1.0)
+            sent = 0
+            pending = memoryview(message)
+            with self.assertRaises(socket.timeout):
+                while sent < 200 * 1024 * 1024:
+                    count = publisher.send(pending)
+                    sent += count
+                    pending = pending[count:] or memoryview(message)
+            self.assertLess(sent, 100 * 1024 * 1024)  # the broker stopped reading long before
+            self.assertLess(broker_process.memory_info().rss - rss_before, 50 * 1024 * 1024)
+            # The consumer catches up; the publisher is read again and its last word arrives.
+            messages_sent = -(-sent // len(message))
+            rest = bytes(pending) if len(pending) < len(message) else b""
+            received = 0
+            marker = encode(Frame("SEND", {"destination": "/topic/flood", "x-last": "yes"}, b"end"))
+            done = threading.Event()
+
+            def finish_publishing() -> None:
+                publisher.settimeout(TIMEOUT)
+                publisher.sendall(rest + marker)
+                done.set()
+
+            threading.Thread(target=finish_publishing, daemon=True).start()
+            consumer.settimeout(TIMEOUT)
+            last = None
+            while last is None:
+                for frame in decoder.feed(consumer.recv(1024 * 1024)):
+                    if frame.headers.get("x-last") == "yes":
+                        last = frame
+                    else:
+                        received += len(frame.body)
+            self.assertTrue(done.wait(TIMEOUT))
+            self.assertEqual(last.body, b"end")
+            self.assertEqual(received, messages_sent * chunk)  # nothing lost
+        self.assert_others_carry_on()
+
     def test_transactions(self) -> None:
         connection, listener = self.connect()
         connection.subscribe("/queue/tx", id="1", headers={"receipt": "s"})

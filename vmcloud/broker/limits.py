@@ -47,8 +47,10 @@ class BrokerLimits:
     #: Broker-wide cap of stored messages; a SEND that would exceed it is refused with ERROR.
     max_stored_bytes: int = 256 * MiB
     max_stored_messages: int = 100_000
-    #: Bytes written to a consumer whose socket buffer is full before it is dropped as too slow.
-    max_consumer_lag_bytes: int = 8 * MiB
+    #: Bytes written to a consumer after its socket buffer filled up, before it is dropped as too
+    #: slow; must exceed the largest body.  Publishers are paused long before, so only in-process
+    #: publishers (the controller's broadcasts) or many publishers at once ever reach it.
+    max_consumer_lag_bytes: int = 32 * MiB
     #: Heart-beats offered in CONNECTED, ms: how often the broker can send, and wants to hear
     #: from the client.  The negotiated interval is never shorter than these.
     heartbeat_send_ms: int = 10_000

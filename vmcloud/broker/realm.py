@@ -411,9 +411,10 @@ class Realm:
 
     def _deliver(self, subscription: Subscription, message: Message) -> None:
         peer = subscription.peer
+        was_congested = peer.congested
         written = peer.client.deliver(subscription, message)
         self._delivered += 1
-        if peer.congested:
+        if was_congested:
             peer.lag_bytes += written
             if peer.lag_bytes > self.limits.max_consumer_lag_bytes:
                 log.warn(
