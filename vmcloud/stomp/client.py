@@ -319,6 +319,8 @@ class StompClientProtocol(Protocol):
 class StompClientFactory(Factory):
     """Builds :class:`StompClientProtocol` s with the same credentials and heart-beat offer."""
 
+    noisy = False  # a reconnecting client would log "Starting factory" on every attempt
+
     def __init__(self, clock: IReactorTime, **options: Any) -> None:
         self._clock = clock
         self._options = options
