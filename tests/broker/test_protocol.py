@@ -116,6 +116,15 @@ class AuthenticationTests(SynchronousTestCase):
         wrong.connect(login, passcode + "x")
         self.assertTrue(wrong.closing)
 
+    def test_restored_credentials_work_after_a_restart(self) -> None:
+        before = make_broker()
+        login, passcode = before.credentials.mint("3")
+        after = make_broker()  # a new controller process, credentials from its checkpoint
+        after.credentials.restore("3", login, passcode)
+        self.assertEqual(Client(after).connect(login, passcode).command, "CONNECTED")
+        with self.assertRaises(ValueError):
+            after.credentials.restore("4", login, passcode)
+
     def test_revoke_drops_the_guest_and_refuses_its_credentials(self) -> None:
         broker = make_broker()
         login, passcode = broker.credentials.mint("7")

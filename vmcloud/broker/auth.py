@@ -107,6 +107,15 @@ class Credentials:
         self._passcodes[login] = passcode
         return login, passcode
 
+    def restore(self, vmid: str, login: str, passcode: str) -> None:
+        """Accept again credentials minted before a controller restart (kept in the checkpoint),
+        so that a recovered VM's guest can log in and say HELLO again."""
+        if login != VM_LOGIN_PREFIX + vmid or not IDENTITY_RE.match(login):
+            raise ValueError(f"login {login!r} was not minted for vmid {vmid!r}")
+        if not passcode:
+            raise ValueError("an empty passcode cannot be restored")
+        self._passcodes[login] = passcode
+
     def revoke(self, vmid: str) -> None:
         """Forget the VM's credentials and drop its connections (and stored commands)."""
         login = VM_LOGIN_PREFIX + vmid
