@@ -1,15 +1,17 @@
 """Packaging for vmcloud: the controller daemon, the guest agent and their twistd plugins."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="vmcloud",
     version="0.1.0",
     description="A pool of browser VMs for crowd work, run by a Twisted daemon",
-    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.rst").read_text(encoding="utf-8"),
     long_description_content_type="text/x-rst",
     python_requires=">=3.11",
-    packages=find_packages(exclude=["tests*", "bench*"]) + ["twisted.plugins"],
+    packages=[*find_packages(exclude=["tests*", "bench*"]), "twisted.plugins"],
     package_data={"twisted.plugins": ["vmcloud_plugins.py"]},
     data_files=[
         ("share/vmcloud/etc", ["etc/vmcloud.conf", "etc/vmcloud-guest.conf"]),

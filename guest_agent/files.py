@@ -26,7 +26,7 @@ DEFAULT_MODE = 0o644
 log = Logger()
 
 
-class FileRefused(Exception):  # noqa: N818 - the name the agent's words use
+class FileRefused(Exception):
     """A FILE_PUT or FILE_GET that the agent will not carry out; ``reason`` says why, for the peer."""
 
     def __init__(self, reason: str) -> None:

@@ -118,6 +118,7 @@ class _Startup(Service):
 
 def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -> IService:
     """The whole controller's service tree for ``config``; nothing is started yet."""
+    from vmcloud.api.accesslog import redacted_log_formatter
     from vmcloud.api.app import make_api
     from vmcloud.pool.service import PoolConfig, PoolService
     from vmcloud.store.checkpoint import CheckpointStore
@@ -267,7 +268,8 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
         static_dir=static_dir,
         long_poll_default=config.api.long_poll_default,
     )
-    strports.service(listen, Site(app.resource())).setServiceParent(root)
+    site = Site(app.resource(), logFormatter=redacted_log_formatter)
+    strports.service(listen, site).setServiceParent(root)
     return root
 
 

@@ -485,7 +485,7 @@ class NamespaceDriverTests(LocalDriverMixin, TestCase):
         got: Deferred[None] = Deferred()
 
         class Greeting(Protocol):
-            def dataReceived(self, data: bytes) -> None:  # noqa: N802
+            def dataReceived(self, data: bytes) -> None:
                 peers.append((self.transport.getPeer().host, data))
                 if not got.called:
                     got.callback(None)

@@ -228,7 +228,7 @@ class FakeProcessReactor(Clock):
         self.spawned: list[tuple[Any, list[str], dict[str, str]]] = []
         self.fail_with: Exception | None = None
 
-    def spawnProcess(self, protocol: Any, executable: Any, args: Any, env: Any = None, **kw: Any) -> Any:  # noqa: N802
+    def spawnProcess(self, protocol: Any, executable: Any, args: Any, env: Any = None, **kw: Any) -> Any:
         if self.fail_with is not None:
             raise self.fail_with
         transport = FakeTransport(4242 + len(self.spawned))
@@ -242,10 +242,10 @@ class FakeTransport:
         self.pid = pid
         self.closed: list[Any] = []
 
-    def closeStdin(self) -> None:  # noqa: N802
+    def closeStdin(self) -> None:
         self.closed.append("stdin")
 
-    def closeChildFD(self, fd: int) -> None:  # noqa: N802
+    def closeChildFD(self, fd: int) -> None:
         self.closed.append(fd)
 
 

@@ -85,7 +85,7 @@ class TwistProcess(ProcessProtocol):
         self.ended: Deferred[int | None] = Deferred()
         self.exit_code: int | None = None
 
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
+    def outReceived(self, data: bytes) -> None:
         self._buffer += data
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
@@ -98,11 +98,11 @@ class TwistProcess(ProcessProtocol):
                 event = {"log_format": "{text}", "text": line.decode("utf-8", "replace")}
             self.events.add(event)
 
-    def errReceived(self, data: bytes) -> None:  # noqa: N802
+    def errReceived(self, data: bytes) -> None:
         if len(self.stderr) < 256 * 1024:
             self.stderr += data
 
-    def processEnded(self, reason: Failure) -> None:  # noqa: N802
+    def processEnded(self, reason: Failure) -> None:
         if isinstance(reason.value, ProcessDone):
             self.exit_code = 0
         elif isinstance(reason.value, ProcessTerminated):

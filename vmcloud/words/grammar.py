@@ -39,7 +39,7 @@ ERROR = "error"
 EVERYONE = "*"
 
 
-class MalformedWord(ValueError):  # noqa: N818 - reads as what the peer sent
+class MalformedWord(ValueError):
     """A message that does not say what its word requires; ``reason`` is fit for a log and a peer."""
 
     def __init__(self, reason: str) -> None:
