@@ -145,6 +145,9 @@ class StompServerProtocol(Protocol):
         factory.connections.add(self)
         self.out.registerProducer(self, True)
         self._registered = True
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)  # frames are whole messages: Nagle only adds latency
         if len(factory.connections) > self.limits.max_connections:
             log.warn(
                 "Refusing STOMP connection from {address}: {limit} connections already",
