@@ -26,7 +26,7 @@ OPERATORS = {"alice": "alice-secret"}
 
 
 class _StopOnStdinClose(Protocol):
-    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if reactor.running:  # type: ignore[attr-defined]
             reactor.stop()  # type: ignore[attr-defined]
 

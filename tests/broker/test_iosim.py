@@ -21,10 +21,10 @@ class FrameClient(Protocol):
         self.frames: list[Frame] = []
         self.lost = False
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.frames.extend(self.decoder.feed(data))
 
-    def connectionLost(self, reason: object = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: object = None) -> None:
         self.lost = True
 
     def say(self, command: str, headers: dict[str, str], body: bytes = b"") -> None:

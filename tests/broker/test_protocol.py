@@ -6,6 +6,7 @@ import stomper
 import stomper.stomp_10 as stomp_10
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -105,6 +106,16 @@ class AuthenticationTests(SynchronousTestCase):
             client.connect(login, passcode)
             self.assertEqual(client.received[-1].headers["message"], "authentication failed")
             self.assertTrue(client.closing)
+
+    def test_refusals_are_logged_with_the_reason_but_never_the_passcode(self) -> None:
+        broker = make_broker()
+        with capturedLogs() as events:
+            Client(broker).connect("controller", "guessed-secret")
+        by_event = {e.get("event"): e for e in events}
+        refused = by_event["broker-auth-failed"]
+        self.assertEqual((refused["login"], refused["reason"]), ("controller", "wrong passcode"))
+        self.assertEqual(by_event["broker-error-sent"]["reason"], "authentication failed")
+        self.assertNotIn("guessed-secret", repr(events))
 
     def test_minted_credentials(self) -> None:
         broker = make_broker()
