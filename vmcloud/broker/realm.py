@@ -4,7 +4,9 @@
 while nobody can take it; every other destination is a topic that fans out to its current
 subscribers and stores nothing.  Queue subscriptions in ``client`` (cumulative) or
 ``client-individual`` mode hold their messages until ACK; NACK, UNSUBSCRIBE and a lost
-connection put them back at the head of the queue, marked ``redelivered``.
+connection put them back at the head of the queue, marked ``redelivered``.  Topic messages are
+never redelivered: a topic subscription in a client mode gets ``ack`` headers, and its ACKs are
+accepted and ignored.
 
 Back-pressure: a publisher whose message lands on a congested consumer (its socket buffer is
 full) or on a queue whose backlog is over the high-water mark is *blocked*: the realm asks its
