@@ -37,6 +37,7 @@ def is_controller_destination(destination: str) -> bool:
 
 
 #: Header the embedded broker stamps on every message a guest sends, with the STOMP login the guest
-#: authenticated with (replacing any value the guest wrote).  The controller trusts it over the
-#: ``identity`` a guest claims; external brokers do not set it, and then the claim is all there is.
-LOGIN_HEADER = "vmcloud-login"
+#: authenticated with (replacing any value the guest wrote; STOMP's conventional ``user-id``, which
+#: ActiveMQ stamps too and RabbitMQ validates).  The controller trusts it over the ``identity`` a
+#: guest claims; where a broker does not set it, the claim is all there is.
+LOGIN_HEADER = "user-id"
