@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from keystoneauth1 import exceptions as ks
 from novaclient import exceptions as nova
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from guest_agent.config import parse_guest_config
-from vmcloud.drivers.nova import render_user_data, server_status, translate
+from vmcloud.drivers.nova import (
+    NovaConfig,
+    NovaDriver,
+    UnexpectedCloudError,
+    render_user_data,
+    server_status,
+    translate,
+)
 from vmcloud.pool.interfaces import (
     ACTIVE,
     BUILD,
@@ -123,9 +133,14 @@ class TranslateTests(SynchronousTestCase):
         self.assertIsInstance(
             translate(ValueError("nics are required after microversion 2.36")), BadCloudRequest
         )
-        surprise = translate(KeyError("id"))
-        self.assertIsInstance(surprise, CloudUnavailable)
+        try:
+            {}["id"]
+        except KeyError as e:
+            surprise = translate(e)
+        self.assertIsInstance(surprise, UnexpectedCloudError)
+        self.assertIsInstance(surprise, CloudUnavailable)  # retried with backoff like an outage
         self.assertIn("KeyError", str(surprise))
+        self.assertIn('{}["id"]', surprise.traceback)  # where it happened, for the log
 
 
 class UserDataTests(SynchronousTestCase):
@@ -143,3 +158,40 @@ class UserDataTests(SynchronousTestCase):
             creds = GuestCredentials(broker="tcp:10.0.0.1:61613", login="vm-1", passcode=passcode)
             with self.assertRaises(BadCloudRequest):
                 render_user_data(creds)
+
+
+class _BrokenServers:
+    def list(self, **kw: object) -> list[object]:
+        return [{}["id"]]  # a bug deep in the client
+
+
+class _BrokenClient:
+    servers = _BrokenServers()
+
+
+class _DriverWithBrokenClient(NovaDriver):
+    def _build_client(self) -> object:
+        return _BrokenClient()
+
+
+class UnexpectedErrorTests(SynchronousTestCase):
+    def test_a_bug_in_the_thread_is_logged_with_its_traceback_and_raised_as_unavailable(self) -> None:
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        config = NovaConfig(
+            auth_url="http://127.0.0.1:1/v3",
+            username="u",
+            password="p",
+            project_name="x",
+            image="i",
+            flavor="1",
+        )
+        driver = _DriverWithBrokenClient(
+            config, prefix="p-", dispatch=lambda fn: maybeDeferred(fn), clock=Clock(), controller_name="c"
+        )
+        failure = self.failureResultOf(Deferred.fromCoroutine(driver.list_servers()), CloudUnavailable)
+        self.assertIn("unexpected KeyError", str(failure.value))
+        [logged] = [e for e in events if e.get("event") == "nova-call-failed"]
+        self.assertIn('return [{}["id"]]', str(logged["traceback"]))
+        self.assertEqual(driver.health().last_error_kind, "UnexpectedCloudError")

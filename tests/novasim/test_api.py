@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseNeverReceived
 
 from tests.novasim.helpers import BASE, PASSWORD_AUTH, SimClient
-from vmcloud.novasim import CloudSettings, FaultRule
+from vmcloud.novasim import CloudSettings, FaultRule, Identity
 
 
 class IdentityTests(SynchronousTestCase):
@@ -61,6 +61,19 @@ class IdentityTests(SynchronousTestCase):
         self.assertIn("Keystone uri=", refused.headers["www-authenticate"])
         c.login()
         self.assertEqual(c.call("GET", "/v2.1/servers").code, 200)
+
+    def test_non_ascii_secrets_are_refused_not_crashed_on(self) -> None:
+        c = SimClient(identity=Identity(static_token="tok"))
+        self.assertEqual(
+            c.call("GET", "/v2.1/servers", token=False, headers={"X-Auth-Token": "tök"}).code, 401
+        )
+        self.assertEqual(
+            c.call("GET", "/v2.1/servers", token=False, headers={"X-Auth-Token": "tok"}).code, 200
+        )
+        body = {"auth": {**PASSWORD_AUTH["auth"]}}
+        user = {"name": "demo", "password": "sécret", "domain": {"name": "Default"}}
+        body["auth"]["identity"] = {"methods": ["password"], "password": {"user": user}}
+        self.assertEqual(c.call("POST", "/identity/v3/auth/tokens", body, token=False).code, 401)
 
     def test_malformed_auth_body_is_400(self) -> None:
         c = SimClient()

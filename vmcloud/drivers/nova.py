@@ -23,6 +23,7 @@ import contextlib
 import io
 import re
 import threading
+import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
@@ -190,6 +191,18 @@ class NovaConfig:
         return "password"
 
 
+class UnexpectedCloudError(CloudUnavailable):
+    """An exception nobody foresaw (a bug here or in novaclient): retried like an outage, logged loudly.
+
+    ``traceback`` is the formatted text from the worker thread, so the log can show where it
+    happened without the exception itself leaving the thread.
+    """
+
+    def __init__(self, message: str, traceback: str) -> None:
+        super().__init__(message)
+        self.traceback = traceback
+
+
 @attrs.frozen
 class NovaHealth:
     """What the driver saw last, for ``/all-status`` (times on the injected clock)."""
@@ -327,7 +340,7 @@ def translate(error: Exception) -> CloudError:
         return BadCloudRequest(f"cloud configuration: {message}")
     if isinstance(error, ValueError):  # novaclient's own argument checks
         return BadCloudRequest(f"bad request: {message}")
-    return CloudUnavailable(f"unexpected {type(error).__name__}: {message}")
+    return UnexpectedCloudError(f"unexpected {type(error).__name__}: {message}", traceback.format_exc())
 
 
 @implementer(ICloudDriver)
@@ -477,6 +490,15 @@ class NovaDriver:
             calls=h.calls + 1,
             failures=h.failures + 1,
         )
+        if isinstance(error, UnexpectedCloudError):
+            log.error(
+                "Nova {operation} failed unexpectedly: {reason}\n{traceback}",
+                operation=operation,
+                reason=str(error),
+                traceback=error.traceback,
+                event="nova-call-failed",
+            )
+            return
         log.warn(
             "Nova {operation} failed ({kind}): {reason}",
             operation=operation,

@@ -53,6 +53,14 @@ class GuestProcesses:
             raise ValueError("the guest command is empty")
         self._reactor = reactor
         self._argv = list(argv)
+        try:
+            for item in self._argv:
+                item.format(user_data="", mac="", ip="", id="", name="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"the guest command has a bad placeholder ({e});"
+                " use {user_data} {mac} {ip} {id} {name}"
+            ) from None
         self._stop_timeout = stop_timeout
         self._dir = tempfile.mkdtemp(prefix="novasim-guests-")
         self._running: dict[str, tuple[IProcessTransport, _GuestProtocol]] = {}
@@ -76,7 +84,17 @@ class GuestProcesses:
         proto = _GuestProtocol(server.name)
         transport = self._reactor.spawnProcess(proto, argv[0], argv, env=env, childFDs={0: "w", 1: 1, 2: 2})
         self._running[server.id] = (transport, proto)
+
+        def forget(_: None) -> None:
+            if self._running.get(server.id, (None, None))[1] is proto:
+                del self._running[server.id]
+
+        proto.ended.addCallback(forget)
         log.info("novasim: started guest process for {name} (pid {pid})", name=server.name, pid=transport.pid)
+
+    def running(self) -> frozenset[str]:
+        """Ids of the servers whose process is running."""
+        return frozenset(self._running)
 
     def on_deleted(self, server: ServerView) -> None:
         self._stop(server.id)

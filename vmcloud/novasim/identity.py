@@ -64,9 +64,7 @@ class TokenStore:
     def valid(self, token_id: str | None) -> bool:
         if token_id is None:
             return False
-        if self.identity.static_token is not None and secrets.compare_digest(
-            token_id, self.identity.static_token
-        ):
+        if self.identity.static_token is not None and same_secret(token_id, self.identity.static_token):
             return True
         token = self._tokens.get(token_id)
         return token is not None and token.expires > self.cal.now()
@@ -80,6 +78,13 @@ class TokenStore:
     def _drop_expired(self, now: float) -> None:
         if len(self._tokens) > 1000:
             self._tokens = {k: t for k, t in self._tokens.items() if t.expires > now}
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison that also copes with non-ASCII input."""
+    return secrets.compare_digest(
+        given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
 
 
 def keystone_error(status: int, title: str, message: str) -> Reply:
@@ -172,11 +177,11 @@ class IdentityApi:
         if method == "password":
             user = data["user"]
             name_ok = user.get("name") == ident.username or user.get("id") == ident.user_id
-            return bool(name_ok) and secrets.compare_digest(str(user.get("password", "")), ident.password)
+            return bool(name_ok) and same_secret(str(user.get("password", "")), ident.password)
         if method == "token":
             return self.tokens.valid(str(data.get("id") or request.header("x-auth-token") or ""))
         if method == "application_credential":
-            return data.get("id") == ident.application_credential_id and secrets.compare_digest(
+            return data.get("id") == ident.application_credential_id and same_secret(
                 str(data.get("secret", "")), ident.application_credential_secret
             )
         return False
