@@ -88,16 +88,16 @@ class ICloudDriver(Interface):
     name = Attribute("Short driver name for logs and /all-status, e.g. 'local' or 'nova'.")
     prefix = Attribute("Server name prefix; every server of the pool is named prefix + vmid.")
 
-    async def boot(request: BootRequest) -> str:  # type: ignore[misc]
+    async def boot(request: BootRequest) -> str:
         """Ask the cloud for one server; return its server id once the cloud accepted it.
 
         Raises a :class:`CloudError` subclass on failure.
         """
 
-    async def delete(server_id: str) -> None:  # type: ignore[misc]
+    async def delete(server_id: str) -> None:
         """Delete a server; a server that is already gone is a success."""
 
-    async def list_servers() -> list[ServerStatus]:  # type: ignore[misc]
+    async def list_servers() -> list[ServerStatus]:
         """Every server whose name starts with the prefix, in one call to the cloud."""
 
 
@@ -149,13 +149,23 @@ class IGuestChannel(Interface):
     def revoke_credentials(vmid: str) -> None:
         """Forget the VM's credentials; its connection, if any, is dropped."""
 
-    async def call(  # type: ignore[misc]
-        identity: str, word: str, params: Mapping[str, Any], timeout: float
-    ) -> Mapping[str, Any]:
+    async def call(identity: str, word: str, params: Mapping[str, Any], timeout: float) -> Mapping[str, Any]:
         """Say a request word (e.g. ``PREPARE``, ``CLEANUP``, ``CMD_RUN``) and await its answer.
 
         Raises :class:`GuestCallFailed` on timeout or an error answer.
         """
+
+
+class IGuestCredentialsRestore(Interface):
+    """Optional for a guest channel: accept again the credentials minted before a restart.
+
+    The pool keeps each VM's login and passcode in its checkpoint; after a restart it hands those
+    of the VMs it recovers back to the channel, so that their guests can log in and say HELLO
+    again.  A channel without this (e.g. one whose guests share a login) need not provide it.
+    """
+
+    def restore_credentials(vmid: str, credentials: GuestCredentials) -> None:
+        """Make ``credentials`` valid again for ``vmid`` (until :meth:`revoke_credentials`)."""
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -170,7 +180,7 @@ class ICheckpointStore(Interface):
     def save(snapshot: Mapping[str, Any]) -> None:
         """Schedule a write; at most one write is in flight and one pending (the newest)."""
 
-    async def flush() -> None:  # type: ignore[misc]
+    async def flush() -> None:
         """Wait until every scheduled write is on disk."""
 
 
@@ -264,7 +274,7 @@ class IPoolControl(Interface):
     def last_event_id(handle: str) -> int:
         """The id to pass to the first fetch_events."""
 
-    async def fetch_events(handle: str, last_id: int, wait: float) -> Mapping[str, Any]:  # type: ignore[misc]
+    async def fetch_events(handle: str, last_id: int, wait: float) -> Mapping[str, Any]:
         """Events after last_id; waits up to ``wait`` seconds when there are none."""
 
     def cancel_batch(batch: str) -> None:

@@ -1,0 +1,634 @@
+"""The pool as a Twisted service: the REST API's operations, the guest channel's listener.
+
+``PoolService`` validates what the API asks (raising the :class:`PoolError` the API turns into
+4xx JSON), changes the pool state, and lets the :class:`~vmcloud.pool.reconciler.Reconciler`
+carry the consequences out.  It also keeps what only a live process has: long-polls waiting for
+events and the timers of expiring handles.
+
+Decisions worth knowing:
+
+* ``set_pool_size`` stores the numbers as asked; the hard cap ``max_pool_size`` clamps ``max``
+  (and ``min``) when planning, and ``/all-status`` shows both.  A batch larger than the cap is
+  refused (400): it could never be READY.
+* A handle whose OCCUPIED VM dies gets a ``{"action": "vm-died", "vmid", "reason"}`` event, is
+  no longer assigned (``handle-status`` says ``"assigned": false`` with ``lost``), and stays
+  valid until released or expired; it is not given another VM (the worker's session is gone and
+  the application decides).  The VM is terminated and the pool replaces it by its rules.
+* ``shutdown`` releases every handle, cancels every batch, terminates every VM and keeps the pool
+  at 0; batches and locks are refused (409) until ``set_pool_size`` starts the pool again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from vmcloud.pool.config import PoolConfig
+from vmcloud.pool.interfaces import (
+    BatchCancelled,
+    BatchOptions,
+    GuestCredentials,
+    GuestInfo,
+    ICheckpointStore,
+    ICloudDriver,
+    IGuestChannel,
+    IGuestCredentialsRestore,
+    IGuestListener,
+    InvalidRequest,
+    IPoolControl,
+    ShuttingDown,
+    UnknownBatch,
+    UnknownHandle,
+)
+from vmcloud.pool.model import VM, Event, Handle, PoolSpec, VMState
+from vmcloud.pool.plan import effective_size, preparation_queue
+from vmcloud.pool.reconciler import Reconciler
+from vmcloud.pool.snapshot import SnapshotError, restore
+from vmcloud.pool.state import PoolState
+
+__all__ = ["PoolConfig", "PoolService"]
+
+log = Logger()
+
+#: Longest linger and handle expiry accepted, in milliseconds (a year).
+MAX_MS = 365 * 24 * 3600 * 1000
+#: Longest home page accepted (what the PREPARE word carries).
+MAX_URL = 8192
+MAX_COOKIES = 200
+MAX_COOKIE_FIELD = 4096
+WINDOW_RANGE = (64, 16384)
+#: An event from a guest larger than this (as JSON) is dropped.
+MAX_EVENT_BYTES = 16 * 1024
+#: Long-polls waiting on one handle; beyond, the oldest is answered (empty) to make room.
+MAX_WAITERS_PER_HANDLE = 8
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def _count(value: object, name: str, maximum: int | None = None) -> int:
+    """A non-negative integer argument (not a bool), at most ``maximum``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be an integer, not {value!r}")
+    if value < 0:
+        raise InvalidRequest(f"{name} must not be negative ({value})")
+    if maximum is not None and value > maximum:
+        raise InvalidRequest(f"{name} must be at most {maximum} ({value})")
+    return value
+
+
+def check_homepage(homepage: object) -> str:
+    if not isinstance(homepage, str) or not homepage:
+        raise InvalidRequest("homepage must be a URL")
+    if len(homepage) > MAX_URL:
+        raise InvalidRequest(f"homepage is longer than {MAX_URL} characters")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in homepage):
+        raise InvalidRequest("homepage must not contain spaces or control characters")
+    try:
+        parts = urlsplit(homepage)
+    except ValueError as e:
+        raise InvalidRequest(f"homepage is not a URL: {e}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise InvalidRequest(f"homepage must be an http or https URL, not {parts.scheme or 'scheme-less'}")
+    if not parts.netloc:
+        raise InvalidRequest("homepage has no host")
+    return homepage
+
+
+def check_options(options: object) -> BatchOptions:
+    if not isinstance(options, BatchOptions):
+        raise InvalidRequest("options must be BatchOptions")
+    low, high = WINDOW_RANGE
+    for name, size in (("width", options.window_width), ("height", options.window_height)):
+        if not isinstance(size, int) or isinstance(size, bool) or not low <= size <= high:
+            raise InvalidRequest(f"window {name} must be an integer from {low} to {high}")
+    if len(options.cookies) > MAX_COOKIES:
+        raise InvalidRequest(f"at most {MAX_COOKIES} cookies")
+    for cookie in options.cookies:
+        for field in (cookie.name, cookie.value, cookie.path, cookie.domain or ""):
+            if not isinstance(field, str) or len(field) > MAX_COOKIE_FIELD:
+                raise InvalidRequest(
+                    f"cookie fields must be strings of at most {MAX_COOKIE_FIELD} characters"
+                )
+        if not cookie.name:
+            raise InvalidRequest("every cookie needs a name")
+    return options
+
+
+def _event_data(event: object) -> dict[str, Any] | None:
+    """A guest's event as we keep it, or None when it is not one we can keep."""
+    if not isinstance(event, Mapping) or not isinstance(event.get("action"), str):
+        return None
+    try:
+        data = json.loads(json.dumps(dict(event), allow_nan=False))
+    except (TypeError, ValueError):
+        return None
+    if len(json.dumps(data)) > MAX_EVENT_BYTES:
+        return None
+    return data  # type: ignore[no-any-return]
+
+
+@implementer(IPoolControl, IGuestListener)
+class PoolService(Service):
+    """The pool of VMs: lends them through handles, keeps its size, survives restarts."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        driver: ICloudDriver,
+        channel: IGuestChannel,
+        store: ICheckpointStore,
+        config: PoolConfig,
+        *,
+        epoch: str | None = None,
+    ) -> None:
+        self.setName("pool")
+        self.config = config
+        self._clock = clock
+        self._channel = channel
+        self._store = store
+        cap = config.max_pool_size
+        maximum = cap if config.initial_max is None else config.initial_max
+        spec = PoolSpec(min(config.initial_min, maximum), maximum, config.initial_linger_ms)
+        state = PoolState(epoch or secrets.token_hex(3), spec, config.events_per_handle)
+        self._reconciler = Reconciler(clock, driver, channel, store, config, state)
+        self._waiters: dict[str, list[Deferred[None]]] = {}
+        self._expiry: dict[str, IDelayedCall] = {}
+        self._stopping = False
+        self._attach(state)
+        channel.add_listener(self)
+
+    @property
+    def state(self) -> PoolState:
+        """The pool state (read it; change it only through this service)."""
+        return self._reconciler.state
+
+    @property
+    def reconciler(self) -> Reconciler:
+        return self._reconciler
+
+    def _attach(self, state: PoolState) -> None:
+        state.on_transition = self._log_transition
+        state.on_handle_event = self._event_added
+        state.on_handle_gone = self._handle_gone
+
+    # ------------------------------------------------------------------ life
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        super().startService()
+        self._stopping = False
+        try:
+            data = self._store.load()
+        except Exception:
+            log.failure("Could not read the checkpoint; starting clean", event="checkpoint")
+            data = None
+        if data is None:
+            log.info(
+                "No checkpoint: starting clean; servers named {prefix}* that are not ours will be deleted",
+                prefix=self.config.prefix,
+                event="checkpoint",
+            )
+        else:
+            self.restore(data)
+        self._reconciler.start()
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted's name
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        self._reconciler.stop()
+        for call in self._expiry.values():
+            if call.active():
+                call.cancel()
+        self._expiry.clear()
+        for token in list(self._waiters):
+            self._wake(token)
+        self._reconciler.checkpoint()
+        await self._store.flush()
+        log.info("Pool stopped; its VMs keep running and are recovered on the next start", event="stop")
+
+    def restore(self, data: Mapping[str, Any]) -> bool:
+        """Take the pool from a checkpoint (before start); False when it cannot be read."""
+        now = self._clock.seconds()
+        try:
+            state = restore(data, now, self.config)
+        except SnapshotError as e:
+            log.error(
+                "The checkpoint cannot be restored ({reason}); starting clean",
+                reason=str(e),
+                event="checkpoint",
+            )
+            return False
+        self._attach(state)
+        self._reconciler.state = state
+        recovering = [vm for vm in state.vms.values() if vm.recovering]
+        if IGuestCredentialsRestore.providedBy(self._channel):
+            for vm in recovering:
+                if vm.login is not None and vm.passcode is not None:
+                    credentials = GuestCredentials(broker="", login=vm.login, passcode=vm.passcode)
+                    try:
+                        self._channel.restore_credentials(vm.vmid, credentials)
+                    except Exception:
+                        log.failure("Could not restore the credentials of VM {vmid}", vmid=vm.vmid)
+        for handle in state.handles.values():
+            if handle.expire_at is not None:
+                self._arm_expiry(handle.token, handle.expire_at - now)
+        log.info(
+            "Checkpoint restored: {recovering} VMs waiting for their guest's HELLO, {doomed} to terminate, "
+            "{batches} batches, {handles} handles, {pending} pending locks",
+            recovering=len(recovering),
+            doomed=state.count(VMState.ERROR),
+            batches=len(state.batches),
+            handles=len(state.handles),
+            pending=len(state.pending),
+            event="checkpoint",
+        )
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        """The pool as the checkpoint keeps it."""
+        return self._reconciler.snapshot()
+
+    def _check_open(self) -> None:
+        if self._stopping:
+            raise ShuttingDown("the controller is stopping")
+
+    def _changed(self) -> None:
+        self._reconciler.schedule()
+
+    # ------------------------------------------------------------------ IPoolControl
+
+    def set_pool_size(self, minimum: int, maximum: int, linger_ms: int) -> None:
+        self._check_open()
+        _count(minimum, "min")
+        _count(maximum, "max")
+        _count(linger_ms, "linger", MAX_MS)
+        if minimum > maximum:
+            raise InvalidRequest(f"min ({minimum}) must not be above max ({maximum})")
+        cap = self.config.max_pool_size
+        if maximum > cap:
+            log.info(
+                "Pool max {maximum} clamped to the hard cap {cap}",
+                maximum=maximum,
+                cap=cap,
+                event="pool-size",
+            )
+        state = self.state
+        state.spec = PoolSpec(minimum, maximum, linger_ms)
+        if state.shutting_down:
+            log.info("The pool starts again after its shutdown", event="shutdown")
+        state.shutting_down = False
+        state.changes += 1
+        log.info(
+            "Pool size set: min {minimum}, max {maximum}, linger {linger} ms",
+            minimum=minimum,
+            maximum=maximum,
+            linger=linger_ms,
+            event="pool-size",
+        )
+        self._changed()
+
+    def prepare_batch(self, size: int, homepage: str, options: BatchOptions) -> str:
+        self._check_open()
+        _count(size, "size")
+        if size > self.config.max_pool_size:
+            raise InvalidRequest(
+                f"size {size} is above the pool's hard cap of {self.config.max_pool_size} VMs"
+            )
+        check_homepage(homepage)
+        check_options(options)
+        if self.state.shutting_down:
+            raise ShuttingDown("the pool is shut down; set the pool size to start it again")
+        batch = self.state.add_batch(size, homepage, options, self._clock.seconds())
+        log.info(
+            "Batch {batch}: {size} VMs for {homepage}",
+            batch=batch.id,
+            size=size,
+            homepage=homepage,
+            event="batch",
+        )
+        self._changed()
+        return batch.id
+
+    def lock(self, batch: str) -> str:
+        self._check_open()
+        state = self.state
+        found = state.batches.get(batch) if isinstance(batch, str) else None
+        if found is None:
+            raise UnknownBatch(f"no batch {batch!r}")
+        if found.cancelled:
+            raise BatchCancelled(f"batch {batch} is cancelled")
+        if state.shutting_down:
+            raise ShuttingDown("the pool is shut down")
+        if len(state.pending) >= self.config.max_pending_locks:
+            raise InvalidRequest(f"{len(state.pending)} locks are already waiting for a VM; try again later")
+        now = self._clock.seconds()
+        token = secrets.token_urlsafe(24)
+        state.add_handle(batch, token, now)
+        if state.pending_count(batch) == 1:
+            vmid = state.first_ready(batch)
+            if vmid is not None:
+                state.assign(token, vmid, now)
+        self._changed()
+        return token
+
+    def release(self, handle: str) -> None:
+        self._handle(handle)
+        self.state.release_handle(handle)
+        self._changed()
+
+    def handle_status(self, handle: str) -> Mapping[str, Any]:
+        found = self._handle(handle)
+        status: dict[str, Any] = {
+            "assigned": found.vmid is not None,
+            "batch": found.batch,
+            "expires": found.expire_at is not None,
+            "expireTime": _ms(found.expire_at) if found.expire_at is not None else None,
+        }
+        vm = self.state.vms.get(found.vmid) if found.vmid is not None else None
+        if vm is not None:
+            status["vmid"] = vm.vmid
+            status["vm"] = self._worker_view(found, vm)
+        if found.lost is not None:
+            status["lost"] = {
+                "vmid": found.lost.vmid,
+                "reason": found.lost.reason,
+                "time": _ms(found.lost.at),
+            }
+        return status
+
+    def _worker_view(self, handle: Handle, vm: VM) -> dict[str, Any]:
+        """What a worker's page needs of its VM; addresses go through the controller's proxy."""
+        batch = self.state.batches.get(handle.batch)
+        audio = batch is None or batch.options.audio
+        return {
+            "vmid": vm.vmid,
+            "state": vm.state.value,
+            "since": _ms(vm.since),
+            "recovering": vm.recovering,
+            "console": f"/console/{handle.token}",
+            "audio": f"/audio/{handle.token}" if audio else None,
+            "vncPassword": vm.vnc_password,
+        }
+
+    def renew_expire(self, handle: str, expire_ms: int) -> None:
+        self._handle(handle)
+        _count(expire_ms, "expireTime", MAX_MS)
+        delay = expire_ms / 1000.0
+        self.state.set_expiry(handle, self._clock.seconds() + delay)
+        self._arm_expiry(handle, delay)
+        self._changed()
+
+    def _arm_expiry(self, token: str, delay: float) -> None:
+        old = self._expiry.pop(token, None)
+        if old is not None and old.active():
+            old.cancel()
+
+        def due() -> None:
+            self._expiry.pop(token, None)
+            self._reconciler.run_pass()
+
+        self._expiry[token] = self._clock.callLater(max(0.0, delay), due)
+
+    def last_event_id(self, handle: str) -> int:
+        return self._handle(handle).events.last_id
+
+    async def fetch_events(self, handle: str, last_id: int, wait: float | None = None) -> Mapping[str, Any]:
+        found = self._handle(handle)
+        _count(last_id, "lastId")
+        if last_id > found.events.last_id:
+            raise InvalidRequest(
+                f"lastId {last_id} is beyond the handle's last event id {found.events.last_id}"
+            )
+        if wait is None:
+            wait = self.config.long_poll_default
+        if not isinstance(wait, int | float) or isinstance(wait, bool) or math.isnan(wait) or wait < 0:
+            raise InvalidRequest(f"wait must be a non-negative number of seconds, not {wait!r}")
+        wait = min(float(wait), self.config.long_poll_max)
+        answer = self._events_after(handle, last_id)
+        if answer["newEvents"] or wait <= 0 or self._stopping:
+            return answer
+        waiters = self._waiters.setdefault(handle, [])
+        if len(waiters) >= MAX_WAITERS_PER_HANDLE:
+            oldest = waiters.pop(0)
+            if not oldest.called:
+                oldest.callback(None)
+        woken: Deferred[None] = Deferred()
+        waiters.append(woken)
+        timer = self._clock.callLater(wait, lambda: None if woken.called else woken.callback(None))
+        try:
+            await woken
+        finally:
+            if timer.active():
+                timer.cancel()
+            left = self._waiters.get(handle)
+            if left is not None and woken in left:
+                left.remove(woken)
+                if not left:
+                    del self._waiters[handle]
+        return self._events_after(handle, last_id)
+
+    def _events_after(self, token: str, last_id: int) -> dict[str, Any]:
+        found = self._handle(token)
+        events, dropped = found.events.after(last_id)
+        return {
+            "lastId": events[-1].id if events else last_id,
+            "newEvents": [{"id": e.id, "time": _ms(e.time), "data": dict(e.data)} for e in events],
+            "dropped": dropped,
+        }
+
+    def cancel_batch(self, batch: str) -> None:
+        if not isinstance(batch, str) or batch not in self.state.batches:
+            raise UnknownBatch(f"no batch {batch!r}")
+        self.state.cancel_batch(batch)
+        log.info("Batch {batch} cancelled", batch=batch, event="batch")
+        self._changed()
+
+    def shutdown(self) -> None:
+        state = self.state
+        state.shutting_down = True
+        state.changes += 1
+        for token in list(state.handles):
+            state.release_handle(token)
+        for batch in list(state.batches):
+            state.cancel_batch(batch)
+        log.info(
+            "Shutdown: every handle released, every batch cancelled, every VM terminated", event="shutdown"
+        )
+        self._reconciler.run_pass()
+
+    def all_status(self) -> Mapping[str, Any]:
+        now = self._clock.seconds()
+        state = self.state
+        minimum, maximum = effective_size(self.config, state)
+        batches = []
+        for batch in state.batches.values():
+            batches.append(
+                {
+                    "id": batch.id,
+                    "size": batch.size,
+                    "homepage": batch.homepage,
+                    "cancelled": batch.cancelled,
+                    "createdAt": _ms(batch.created_at),
+                    "ready": len(state.members(VMState.READY, batch.id)),
+                    "preparing": len(state.members(VMState.WAIT, batch.id)),
+                    "occupied": len(state.members(VMState.OCCUPIED, batch.id)),
+                    "pendingLocks": state.pending_count(batch.id),
+                }
+            )
+        preps: list[dict[str, Any]] = []
+        for vmid in state.ids(VMState.WAIT):
+            vm = state.vms[vmid]
+            if vm.batch is not None:
+                preps.append({"batch": vm.batch, "vmid": vmid, "state": "preparing", "since": _ms(vm.since)})
+        preps.extend({"batch": b, "vmid": None, "state": "queued"} for b in preparation_queue(state, now))
+        reconciler = self._reconciler
+        return {
+            "poolSize": {
+                "min": state.spec.minimum,
+                "max": state.spec.maximum,
+                "linger": state.spec.linger_ms,
+                "effectiveMin": minimum,
+                "effectiveMax": maximum,
+                "maxPoolSize": self.config.max_pool_size,
+            },
+            "vms": [self._vm_status(vm) for vm in state.vms.values()],
+            "batches": batches,
+            "preps": preps,
+            "handles": [self._handle_summary(h) for h in state.handles.values()],
+            "pendingLocks": [
+                {"handle": p.handle, "batch": p.batch, "since": _ms(p.since)} for p in state.pending.values()
+            ],
+            "cloud": reconciler.health(now),
+            "shuttingDown": state.shutting_down,
+            "reconciler": {
+                "passes": reconciler.passes,
+                "lastPassMs": round(reconciler.last_pass_seconds * 1000, 3),
+                "slowestPassMs": round(reconciler.slowest_pass_seconds * 1000, 3),
+            },
+            "time": _ms(now),
+        }
+
+    @staticmethod
+    def _vm_status(vm: VM) -> dict[str, Any]:
+        return {
+            "vmid": vm.vmid,
+            "state": vm.state.value,
+            "version": vm.version,
+            "since": _ms(vm.since),
+            "serverId": vm.server_id,
+            "identity": vm.identity,
+            "ip": vm.ip or (vm.ips[0] if vm.ips else None),
+            "mac": vm.mac or (vm.macs[0] if vm.macs else None),
+            "batch": vm.batch,
+            "handle": vm.handle,
+            "lastUsed": _ms(vm.last_used),
+            "recovering": vm.recovering,
+            "reason": vm.reason,
+            "capabilities": list(vm.capabilities),
+        }
+
+    @staticmethod
+    def _handle_summary(handle: Handle) -> dict[str, Any]:
+        return {
+            "handle": handle.token,
+            "batch": handle.batch,
+            "vmid": handle.vmid,
+            "createdAt": _ms(handle.created_at),
+            "expireTime": _ms(handle.expire_at) if handle.expire_at is not None else None,
+            "lost": None if handle.lost is None else handle.lost.reason,
+            "lastEventId": handle.events.last_id,
+            "events": len(handle.events),
+            "droppedEvents": handle.events.dropped,
+        }
+
+    def _handle(self, token: object) -> Handle:
+        found = self.state.handles.get(token) if isinstance(token, str) else None
+        if found is None:
+            raise UnknownHandle("no such handle (released, expired, or never issued)")
+        return found
+
+    # ------------------------------------------------------------------ IGuestListener
+
+    def guest_hello(self, guest: GuestInfo) -> None:
+        try:
+            vm = self.state.guest_hello(guest, self._clock.seconds())
+            if vm is None:
+                log.info(
+                    "Guest {identity} (ip {ip}, mac {mac}) said HELLO but is none of our VMs (yet)",
+                    identity=guest.identity,
+                    ip=guest.ip,
+                    mac=guest.mac,
+                    event="guest-unknown",
+                )
+            self._changed()
+        except Exception:
+            log.failure("Could not take in the HELLO of {identity}", identity=guest.identity)
+
+    def guest_gone(self, identity: str, reason: str) -> None:
+        try:
+            self.state.guests.pop(identity, None)
+            vm = self.state.guest_gone(identity, reason, self._clock.seconds())
+            if vm is not None:
+                log.warn(
+                    "VM {vmid}: its guest is gone ({reason})", vmid=vm.vmid, reason=reason, event="guest-gone"
+                )
+            self._changed()
+        except Exception:
+            log.failure("Could not take in that guest {identity} is gone", identity=identity)
+
+    def guest_event(self, identity: str, event: Mapping[str, Any]) -> None:
+        try:
+            data = _event_data(event)
+            if data is None:
+                log.warn(
+                    "Dropped an event from guest {identity}: not a JSON object with an action, or too large",
+                    identity=identity,
+                    event="guest-event",
+                )
+                return
+            if self.state.guest_event(identity, data, self._clock.seconds()) is not None:
+                self._changed()
+        except Exception:
+            log.failure("Could not take in an event from {identity}", identity=identity)
+
+    # ------------------------------------------------------------------ observers
+
+    def _log_transition(self, old: VM | None, new: VM | None) -> None:
+        vm = new or old
+        assert vm is not None
+        log.info(
+            "VM {vmid}: {before} -> {after}{why}",
+            vmid=vm.vmid,
+            before=old.state.value if old is not None else "new",
+            after=new.state.value if new is not None else "gone",
+            why=f" ({new.reason})" if new is not None and new.reason else "",
+            event="vm-state",
+        )
+
+    def _event_added(self, token: str, event: Event) -> None:
+        self._wake(token)
+
+    def _handle_gone(self, token: str) -> None:
+        call = self._expiry.pop(token, None)
+        if call is not None and call.active():
+            call.cancel()
+        self._wake(token)
+
+    def _wake(self, token: str) -> None:
+        for waiter in self._waiters.pop(token, []):
+            if not waiter.called:
+                waiter.callback(None)
