@@ -254,12 +254,13 @@ class World:
         checkpoint: Mapping[str, Any] | None = None,
         start: bool = True,
         now: float = 1_000_000.0,
+        store: Any = None,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(now)
         self.driver = FakeDriver()
         self.channel = FakeChannel(self.clock)
-        self.store = FakeStore(checkpoint)
+        self.store = FakeStore(checkpoint) if store is None else store
         self.config = config
         self.pool = PoolService(self.clock, self.driver, self.channel, self.store, config, epoch="e")
         if start:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.pool.fakes import CONFIG, World
 from vmcloud.pool.interfaces import BatchOptions, Cookie
 from vmcloud.pool.model import VMState
+from vmcloud.pool.service import PoolService
 from vmcloud.pool.snapshot import POOL_SCHEMA, SnapshotError, restore, snapshot
+from vmcloud.store.checkpoint import CheckpointStore, CheckpointUnreadableError, synchronous_dispatch
 
 HOME = "http://example.org/"
 
@@ -34,9 +38,11 @@ def busy_world() -> tuple[World, dict[str, str]]:
     return w, names
 
 
-def restarted(w: World) -> World:
-    """A new controller on the same cloud, started from ``w``'s checkpoint."""
-    again = World(checkpoint=w.store.checkpoint, start=False, now=w.clock.seconds() + 5)
+def restarted(w: World, damage: Callable[[dict], dict | None] | None = None) -> World:
+    """A new controller on the same cloud, started from ``w``'s checkpoint (``damage``d first)."""
+    w.clock.advance(CONFIG.checkpoint_interval)  # the last checkpoint is written
+    checkpoint = w.store.checkpoint if damage is None else damage(dict(w.store.checkpoint or {}))
+    again = World(checkpoint=checkpoint, start=False, now=w.clock.seconds() + 5)
     again.driver.servers = dict(w.driver.servers)
     again.driver._next = 100
     again.start()
@@ -46,6 +52,7 @@ def restarted(w: World) -> World:
 class SnapshotTests(SynchronousTestCase):
     def test_every_change_is_checkpointed_once_per_turn(self) -> None:
         w = World()
+        w.advance(1)
         saves = len(w.store.saves)
         batch = w.pool.prepare_batch(0, HOME, BatchOptions())
         w.pool.lock(batch)
@@ -55,8 +62,14 @@ class SnapshotTests(SynchronousTestCase):
         saved = w.store.saves[-1]
         self.assertEqual(saved["schema"], POOL_SCHEMA)
         self.assertEqual(len(saved["pending"]), 2)
+        w.pool.lock(batch)
         w.turn()
-        self.assertEqual(len(w.store.saves), saves + 1)  # nothing changed, nothing written
+        self.assertEqual(len(w.store.saves), saves + 1)  # not again within checkpoint_interval...
+        w.advance(CONFIG.checkpoint_interval)
+        self.assertEqual(len(w.store.saves), saves + 2)  # ...but then, with every change
+        self.assertEqual(len(w.store.saves[-1]["pending"]), 3)
+        w.advance(1)
+        self.assertEqual(len(w.store.saves), saves + 2)  # nothing changed, nothing written
 
     def test_snapshot_is_json_and_round_trips(self) -> None:
         w, _ = busy_world()
@@ -176,8 +189,7 @@ class RecoveryTests(SynchronousTestCase):
 
     def test_a_corrupt_checkpoint_starts_clean_and_reaps_the_servers(self) -> None:
         w, _ = busy_world()
-        w.store.checkpoint = {**w.store.checkpoint, "schema": 99}
-        b = restarted(w)
+        b = restarted(w, lambda data: {**data, "schema": 99})
         self.assertEqual(b.counts(), {})
         self.assertEqual(b.pool.all_status()["batches"], [])
         b.advance(CONFIG.poll_interval)
@@ -187,10 +199,50 @@ class RecoveryTests(SynchronousTestCase):
 
     def test_no_checkpoint_means_a_clean_start_that_reaps_every_server(self) -> None:
         w, _ = busy_world()
-        w.store.checkpoint = None
-        b = restarted(w)
+        b = restarted(w, lambda data: None)
         self.assertEqual(b.counts(), {})
         b.advance(CONFIG.poll_interval)
         b.driver.answer_lists()
         b.turn()
         self.assertEqual(sorted(s for s, _ in b.driver.deletes), sorted(w.driver.servers))
+
+
+class RealStoreTests(SynchronousTestCase):
+    """The pool's snapshots through the real checkpoint store, to disk and back."""
+
+    def store(self, directory: FilePath[str], clock: object) -> CheckpointStore:
+        return CheckpointStore(directory, dispatch=synchronous_dispatch, clock=clock)  # type: ignore[arg-type]
+
+    def test_a_restart_from_the_file_recovers_the_pool(self) -> None:
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        w = World(start=False)
+        w.store = w.pool._store = self.store(directory, w.clock)  # type: ignore[attr-defined]
+        w.pool._reconciler.store = w.store
+        w.start()
+        w.pool.set_pool_size(1, 2, 0)
+        w.settle()
+        batch = w.pool.prepare_batch(1, HOME, BatchOptions())
+        w.settle()
+        handle = w.pool.lock(batch)
+        self.successResultOf(w.pool.stopService())
+        self.assertTrue(directory.child("checkpoint.json").exists())
+
+        b = World(start=False, now=w.clock.seconds() + 1)
+        b.driver.servers = dict(w.driver.servers)
+        b.store = self.store(directory, b.clock)
+        b.pool = PoolService(b.clock, b.driver, b.channel, b.store, CONFIG, epoch="other")
+        b.start()
+        self.assertTrue(b.pool.handle_status(handle)["assigned"])
+        (kept,) = w.vms()
+        self.assertTrue(b.state.vms[kept.vmid].recovering)
+        self.assertEqual(b.vms(VMState.CREATING)[0].vmid, "e-2")  # vmids go on from the first life
+
+    def test_an_unreadable_checkpoint_stops_the_start_rather_than_reaping(self) -> None:
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        directory.child("checkpoint.json").makedirs()  # exists, cannot be read as a file
+        w = World(start=False)
+        w.pool = PoolService(w.clock, w.driver, w.channel, self.store(directory, w.clock), CONFIG)
+        self.assertRaises(CheckpointUnreadableError, w.pool.startService)
+        self.assertEqual(w.driver.deletes, [])

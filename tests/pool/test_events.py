@@ -119,7 +119,7 @@ class FetchEventsTests(SynchronousTestCase):
     def test_events_survive_in_the_checkpoint(self) -> None:
         w, handle, identity = locked()
         w.channel.event(identity, page(7))
-        w.turn()
+        w.advance(CONFIG.checkpoint_interval)
         saved = w.store.saves[-1]
         (kept,) = [h for h in saved["handles"] if h["token"] == handle]
         self.assertEqual(kept["events"]["items"][-1]["data"], page(7))

@@ -50,6 +50,8 @@ class PoolConfig:
     backoff_max: float = attrs.field(default=300.0, validator=_positive)
     #: First pause before booting again after the cloud said its quota is exhausted.
     quota_retry: float = attrs.field(default=60.0, validator=_positive)
+    #: Shortest pause between two checkpoints: a burst of changes makes one snapshot, not hundreds.
+    checkpoint_interval: float = attrs.field(default=0.05, validator=_non_negative)
     #: Unassigned handles waiting for a VM, over all batches; a lock beyond is refused.
     max_pending_locks: int = attrs.field(default=10_000, validator=_count)
     #: Pool size before any set-pool-size call (the cap when None) and linger in milliseconds.

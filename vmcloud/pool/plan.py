@@ -324,7 +324,9 @@ def _preparation_queue(p: _Pass, remaining: dict[str, int], now: float) -> tuple
         if have > demand and ready > 0:
             surplus = min(have - demand, ready)
             for vmid in list(p.lendable(batch.id))[:surplus]:
-                p.actions.append(Cleanup(vmid, "batch cancelled"))
+                p.actions.append(
+                    Cleanup(vmid, "batch cancelled" if batch.cancelled else "not needed by its batch")
+                )
                 p.take_ready(vmid, batch.id)
         deficit = demand - have
         if deficit <= 0:

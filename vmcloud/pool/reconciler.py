@@ -152,7 +152,9 @@ class Reconciler:
         self.last_listing_at: float | None = None
         self._next_poll = 0.0
         self._scheduled: IDelayedCall | None = None
+        self._checkpoint_call: IDelayedCall | None = None
         self._saved = -1
+        self._saved_at = float("-inf")
         self._writer = SnapshotWriter()
         self._loop = LoopingCall(self.tick)
         self._loop.clock = clock
@@ -169,9 +171,11 @@ class Reconciler:
         self.running = False
         if self._loop.running:
             self._loop.stop()
-        if self._scheduled is not None and self._scheduled.active():
-            self._scheduled.cancel()
+        for call in (self._scheduled, self._checkpoint_call):
+            if call is not None and call.active():
+                call.cancel()
         self._scheduled = None
+        self._checkpoint_call = None
 
     def schedule(self) -> None:
         """Run a pass soon: once for all the changes of this reactor turn."""
@@ -209,7 +213,8 @@ class Reconciler:
                     self._carry_out(action, vm, now)
                 except Exception:
                     log.failure("Could not carry out {action}", action=repr(action))
-            self.checkpoint()
+                    self._undo(action, now)
+            self.request_checkpoint()
         except Exception:
             log.failure("A reconcile pass failed; trying again on the next change or tick")
         finally:
@@ -222,11 +227,23 @@ class Reconciler:
         """The state as the checkpoint keeps it."""
         return self._writer.snapshot(self.state)
 
+    def request_checkpoint(self) -> None:
+        """Checkpoint soon: at once, or ``checkpoint_interval`` after the previous one."""
+        if not self.running or self._checkpoint_call is not None or self.state.changes == self._saved:
+            return
+        delay = max(0.0, self._saved_at + self.config.checkpoint_interval - self.clock.seconds())
+        self._checkpoint_call = self.clock.callLater(delay, self._checkpoint_due)
+
+    def _checkpoint_due(self) -> None:
+        self._checkpoint_call = None
+        self.checkpoint()
+
     def checkpoint(self) -> None:
         """Hand a snapshot to the store when the state changed since the last one."""
         if self.state.changes == self._saved:
             return
         self._saved = self.state.changes
+        self._saved_at = self.clock.seconds()
         try:
             self.store.save(self._writer.snapshot(self.state))
         except Exception:
@@ -266,6 +283,16 @@ class Reconciler:
             log.info("Handle released: {reason}", reason=action.reason, event="release")
         elif isinstance(action, DropBatch):
             log.info("Cancelled batch {batch} is empty and gone", batch=action.batch, event="batch")
+
+    def _undo(self, action: Action, now: float) -> None:
+        """An action that could not be started leaves no VM waiting for an answer that never comes."""
+        vm = self.state.vms.get(getattr(action, "vmid", ""))
+        if vm is None:
+            return
+        if isinstance(action, Boot):
+            self.state.boot_failed(vm.vmid, vm.version, "could not start the boot", now)
+        elif isinstance(action, Prepare | Cleanup):
+            self.state.operation_failed(vm.vmid, vm.version, "could not say the word", now)
 
     def _spawn(self, work: Coroutine[Any, Any, None], what: str) -> None:
         d = Deferred.fromCoroutine(work)

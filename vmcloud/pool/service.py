@@ -190,9 +190,16 @@ class PoolService(Service):
         self._stopping = False
         try:
             data = self._store.load()
-        except Exception:
-            log.failure("Could not read the checkpoint; starting clean", event="checkpoint")
-            data = None
+        except Exception as e:
+            # starting clean would terminate every VM the unreadable checkpoint may describe
+            log.critical(
+                "Cannot read the checkpoint ({reason}); refusing to start. Fix it, or delete it to "
+                "start clean (every server named {prefix}* is then terminated)",
+                reason=str(e),
+                prefix=self.config.prefix,
+                event="checkpoint",
+            )
+            raise
         if data is None:
             log.info(
                 "No checkpoint: starting clean; servers named {prefix}* that are not ours will be deleted",
@@ -601,7 +608,7 @@ class PoolService(Service):
                 )
                 return
             if self.state.guest_event(identity, data, self._clock.seconds()) is not None:
-                self._changed()
+                self._reconciler.request_checkpoint()  # nothing to plan: only to keep
         except Exception:
             log.failure("Could not take in an event from {identity}", identity=identity)
 
