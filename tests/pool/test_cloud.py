@@ -241,3 +241,35 @@ class BackoffTests(SynchronousTestCase):
         w.advance(CONFIG.timeout_cloud)
         self.assertNotIn(vm.vmid, w.state.vms)
         self.assertNotIn(vm.server_id, w.driver.servers)
+
+
+class BootFailureTests(SynchronousTestCase):
+    def test_vms_dying_before_hello_slow_booting_down_until_one_comes_up(self) -> None:
+        w = World()
+        w.driver.auto = True
+        w.pool.set_pool_size(3, 3, 0)
+        w.turn()
+        self.assertEqual(w.counts(), {"BOOTING": 3})
+        for vm in w.vms(VMState.BOOTING):  # a broken image: every agent dies at once
+            w.driver.servers[vm.server_id] = ServerStatus(vm.server_id, "x", ERROR, fault="agent exited")
+        w.advance(CONFIG.poll_interval)
+        health = w.pool.all_status()["cloud"]
+        self.assertEqual(health["bootFailures"], 1)  # one burst, one failure
+        self.assertIn("agent exited", health["lastError"])
+        self.assertEqual(w.counts(), {})
+        w.advance(CONFIG.backoff_base)
+        self.assertEqual(w.counts(), {"BOOTING": 1})  # one probe, not three
+        (probe,) = w.vms(VMState.BOOTING)
+        w.channel.hello(probe.login, login=probe.login)
+        w.turn()
+        self.assertEqual(w.pool.all_status()["cloud"]["bootFailures"], 0)
+        self.assertEqual(w.counts(), {"FREE": 1, "BOOTING": 2})
+
+    def test_vms_removed_for_pool_size_are_no_failure(self) -> None:
+        w = World()
+        w.driver.auto = True
+        w.pool.set_pool_size(3, 3, 0)
+        w.turn()
+        w.pool.set_pool_size(0, 0, 0)
+        w.turn()
+        self.assertEqual(w.pool.all_status()["cloud"]["bootFailures"], 0)

@@ -111,7 +111,7 @@ class QueueTests(SynchronousTestCase):
         actions = plan(CONFIG, state, NOW)
         self.assertEqual(actions, [Cleanup(a, "taken for a pending lock")])
         for action in actions:
-            apply(state, action, NOW)
+            apply(state, action, NOW, CONFIG)
         self.assertEqual(plan(CONFIG, state, NOW), [])
         state.cleanup_done(a, state.vms[a].version, NOW)
         self.assertEqual(plan(CONFIG, state, NOW), [Prepare(a, other)])
@@ -185,7 +185,7 @@ class TimeoutTests(SynchronousTestCase):
         actions = plan(CONFIG, state, NOW)
         self.assertEqual({a.vmid for a in actions if isinstance(a, Delete)}, {killing, ghost})
         for action in actions:
-            apply(state, action, NOW)
+            apply(state, action, NOW, CONFIG)
         self.assertNotIn(ghost, state.vms)
         self.assertEqual(state.vms[killing].since, NOW)
         self.assertIn(recent, state.vms)

@@ -123,7 +123,7 @@ def held_vms(state: PoolState) -> set[str]:
 def run(config: PoolConfig, state: PoolState) -> list:
     actions = plan(config, state, NOW)
     for action in actions:
-        apply(state, action, NOW)
+        apply(state, action, NOW, config)
     return actions
 
 
@@ -243,7 +243,7 @@ class LivenessTests(SynchronousTestCase):
                         if cancel:
                             state.cancel_batch(batch)
             for action in plan(config, state, now):
-                apply(state, action, now)
+                apply(state, action, now, config)
             step_world(state, now)
             now += 1.0
             if i >= len(steps) and not state.pending:
@@ -266,7 +266,7 @@ class LivenessTests(SynchronousTestCase):
         now = NOW
         for _ in range(60):
             for action in plan(config, state, now):
-                apply(state, action, now)
+                apply(state, action, now, config)
             if not state.pending:
                 break
             step_world(state, now)

@@ -19,6 +19,7 @@ from typing import Any
 
 import attrs
 
+from vmcloud.pool.config import PoolConfig
 from vmcloud.pool.interfaces import BatchOptions
 
 
@@ -233,6 +234,10 @@ class CloudHealth:
     backoff_until: float = 0.0
     quota_failures: int = 0
     quota_until: float = 0.0
+    #: VMs that died before their guest ever said HELLO (a broken image or agent): booting more
+    #: at once would only make more of them.
+    boot_failures: int = 0
+    boot_backoff_until: float = 0.0
     last_error: str | None = None
     last_error_at: float | None = None
 
@@ -240,12 +245,12 @@ class CloudHealth:
         return now < self.backoff_until
 
     def can_grow(self, now: float) -> bool:
-        return now >= self.backoff_until and now >= self.quota_until
+        return now >= self.backoff_until and now >= self.quota_until and now >= self.boot_backoff_until
 
     @property
     def probing(self) -> bool:
-        """The cloud failed lately: one boot at a time until one succeeds."""
-        return bool(self.failures or self.quota_failures)
+        """Boots failed lately: one boot at a time until one succeeds."""
+        return bool(self.failures or self.quota_failures or self.boot_failures)
 
 
 # --------------------------------------------------------------------------- transitions
@@ -296,3 +301,19 @@ def failed(vm: VM, reason: str, now: float) -> VM:
 
 def killing(vm: VM, reason: str, now: float) -> VM:
     return transition(vm, VMState.KILLING, now, reason=reason, handle=None, recovering=False)
+
+
+def after_boot_failure(health: CloudHealth, reason: str, now: float, config: PoolConfig) -> CloudHealth:
+    """A VM died before its guest said HELLO: pause booting, longer for each failure in a row.
+
+    Failures during the pause (VMs of the same burst) count once: the pause grows per retry.
+    """
+    failures = health.boot_failures + 1 if now >= health.boot_backoff_until else max(1, health.boot_failures)
+    pause = min(config.backoff_base * 2 ** min(failures - 1, 16), config.backoff_max)
+    return attrs.evolve(
+        health,
+        boot_failures=failures,
+        boot_backoff_until=max(health.boot_backoff_until, now + pause),
+        last_error=f"VM died before its guest said HELLO: {reason}",
+        last_error_at=now,
+    )

@@ -1,6 +1,6 @@
 """What the pool should do next: a pure function of the state and the time.
 
-``plan(config, state, now)`` reads the pool and returns actions; ``apply(state, action, now)`` puts
+``plan(config, state, now)`` reads the pool and returns actions; ``apply(state, action, now, config)`` puts
 the marks an action leaves on the state the moment it is started (a booting VM exists in CREATING,
 a VM being prepared is in WAIT, ...).  Planning again on the marked state proposes nothing new:
 that is what lets the reconciler run a pass on every change without doing anything twice.  The
@@ -48,10 +48,15 @@ class Boot:
 
 @attrs.frozen
 class Delete:
-    """Terminate VM ``vmid`` (delete its server)."""
+    """Terminate VM ``vmid`` (delete its server).
+
+    ``failed_boot``: the VM dies before its guest ever said HELLO, a failure that slows booting
+    down (a broken image must not turn into a boot storm).
+    """
 
     vmid: str
     reason: str
+    failed_boot: bool = False
 
 
 @attrs.frozen
@@ -101,6 +106,12 @@ class DropBatch:
     batch: str
 
 
+#: Reasons for terminating a VM that are no fault of the VM.
+ABOVE_MAX = "above the maximum pool size"
+LINGER = "idle longer than linger"
+SHUTTING_DOWN = "shutting down"
+NOT_FAILURES = frozenset({ABOVE_MAX, LINGER, SHUTTING_DOWN})
+
 Action = Boot | Delete | DeleteServer | Prepare | Cleanup | Assign | ReleaseHandle | DropBatch
 
 
@@ -122,7 +133,7 @@ class _Pass:
     that counts read after a decision see the state as it will be once the actions are applied.
     """
 
-    __slots__ = ("actions", "alive", "dying", "let_go", "released", "state", "taken", "used")
+    __slots__ = ("actions", "alive", "boot_failed", "dying", "let_go", "released", "state", "taken", "used")
 
     def __init__(self, state: PoolState) -> None:
         self.state = state
@@ -133,11 +144,15 @@ class _Pass:
         self.released: set[str] = set()
         #: VMs whose handle this plan releases: from now on they are like released VMs.
         self.let_go: list[str] = []
+        #: A VM dies before its guest said HELLO: no boot in this plan (applying it pauses boots).
+        self.boot_failed = False
         self.taken: dict[tuple[VMState, str | None], int] = {}
         self.alive = state.alive_count()
 
     def kill(self, vm: VM, reason: str) -> None:
-        self.actions.append(Delete(vm.vmid, reason))
+        failed_boot = vm.identity is None and vm.state is not VMState.KILLING and reason not in NOT_FAILURES
+        self.boot_failed |= failed_boot
+        self.actions.append(Delete(vm.vmid, reason, failed_boot))
         self.dying.add(vm.vmid)
         if vm.alive:
             self.alive -= 1
@@ -176,7 +191,7 @@ def plan(config: PoolConfig, state: PoolState, now: float) -> list[Action]:
     if state.shutting_down:
         for vm in list(state.vms.values()):
             if vm.alive and vm.vmid not in p.dying:
-                p.kill(vm, "shutting down")
+                p.kill(vm, SHUTTING_DOWN)
     _shrink_to_max(p, maximum)
     remaining = _assign_locks(p)
     lock_queue, size_queue = _preparation_queue(p, remaining, now)
@@ -260,7 +275,7 @@ def _shrink_to_max(p: _Pass, maximum: int) -> None:
         if excess <= 0:
             return
         if p.free(vm.vmid):
-            p.kill(vm, "above the maximum pool size")
+            p.kill(vm, ABOVE_MAX)
             excess -= 1
 
 
@@ -384,11 +399,13 @@ def _grow(
     coming = p.count(VMState.WAIT, None) + cleaning + creating + booting
     want = max(unserved - coming, minimum - p.alive, 0)
     boots = min(want, maximum - p.alive)
-    if boots > 0 and not state.cloud.can_grow(now):
+    if boots > 0 and (p.boot_failed or not state.cloud.can_grow(now)):
         boots = 0
     if boots > 0 and state.cloud.probing:
         # the cloud failed lately: one boot at a time until one succeeds
-        boots = min(boots, max(0, 1 - creating))
+        # a probe proves itself when the cloud accepts it, or, after VMs died before HELLO, at HELLO
+        unproven = creating + (booting if state.cloud.boot_failures else 0)
+        boots = min(boots, max(0, 1 - unproven))
     for i in range(max(boots, 0)):
         p.actions.append(Boot(state.vmid_for(state.next_vmid + i)))
     boots = max(boots, 0)
@@ -424,7 +441,7 @@ def _linger(p: _Pass, minimum: int, now: float) -> None:
             continue
         if now - vm.last_used < linger:
             return  # FREE VMs are in the order they became idle: the rest idled for less
-        p.kill(vm, "idle longer than linger")
+        p.kill(vm, LINGER)
 
 
 def _clean_released(p: _Pass) -> None:
@@ -449,7 +466,7 @@ def _drop_batches(p: _Pass, remaining: dict[str, int]) -> None:
 # --------------------------------------------------------------------------- the marks
 
 
-def apply(state: PoolState, action: Action, now: float) -> VM | None:
+def apply(state: PoolState, action: Action, now: float, config: PoolConfig) -> VM | None:
     """Mark the state with an action being started; returns the VM the action now works on.
 
     None means there is nothing left to carry out (the action was state only, or moot).
@@ -457,6 +474,8 @@ def apply(state: PoolState, action: Action, now: float) -> VM | None:
     if isinstance(action, Boot):
         return state.add_vm(action.vmid, now)
     if isinstance(action, Delete):
+        if action.failed_boot:
+            state.cloud = model.after_boot_failure(state.cloud, action.reason, now, config)
         return state.kill_vm(action.vmid, action.reason, now)
     if isinstance(action, Prepare):
         vm = state.vms[action.vmid]

@@ -209,7 +209,7 @@ class Reconciler:
             actions = plan(self.config, self.state, now)
             for action in actions:
                 try:
-                    vm = apply(self.state, action, now)
+                    vm = apply(self.state, action, now, self.config)
                     self._carry_out(action, vm, now)
                 except Exception:
                     log.failure("Could not carry out {action}", action=repr(action))
@@ -256,6 +256,13 @@ class Reconciler:
             self._spawn(self._boot(vm, credentials), f"booting VM {vm.vmid}")
         elif isinstance(action, Delete):
             self._revoke(action.vmid)
+            if action.failed_boot:
+                log.warn(
+                    "VM {vmid} died before its guest said HELLO ({reason}); booting slows down",
+                    vmid=action.vmid,
+                    reason=action.reason,
+                    event="cloud-backoff",
+                )
             if vm is not None and vm.server_id is not None:
                 if self.state.cloud.backing_off(now):
                     log.info(
@@ -326,6 +333,13 @@ class Reconciler:
             quota=isinstance(error, QuotaExceeded),
             event="cloud-backoff",
         )
+
+    def guest_arrived(self) -> None:
+        """A booted VM's guest said HELLO: booting works again."""
+        if self.state.cloud.boot_failures:
+            log.info("A new VM's guest said HELLO: booting at full speed again", event="cloud-backoff")
+            self.state.cloud = attrs.evolve(self.state.cloud, boot_failures=0, boot_backoff_until=0.0)
+            self.state.changes += 1
 
     def _cloud_ok(self, grew: bool = False) -> None:
         health = after_cloud_success(self.state.cloud, grew)
@@ -474,6 +488,8 @@ class Reconciler:
             "quotaRetryAt": _ms(cloud.quota_until) if now < cloud.quota_until else None,
             "failures": cloud.failures,
             "quotaRefusals": cloud.quota_failures,
+            "bootFailures": cloud.boot_failures,
+            "bootBackoffUntil": _ms(cloud.boot_backoff_until) if now < cloud.boot_backoff_until else None,
             "lastError": cloud.last_error,
             "lastErrorAt": _ms(cloud.last_error_at) if cloud.last_error_at is not None else None,
             "lastListingAt": _ms(self.last_listing_at) if self.last_listing_at is not None else None,

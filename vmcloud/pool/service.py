@@ -69,6 +69,8 @@ MAX_COOKIE_FIELD = 4096
 WINDOW_RANGE = (64, 16384)
 #: An event from a guest larger than this (as JSON) is dropped.
 MAX_EVENT_BYTES = 16 * 1024
+#: A VM leaving these for FREE has a guest that came up.
+BOOTED = frozenset({VMState.CREATING, VMState.BOOTING})
 #: Long-polls waiting on one handle; beyond, the oldest is answered (empty) to make room.
 MAX_WAITERS_PER_HANDLE = 8
 
@@ -617,6 +619,8 @@ class PoolService(Service):
     def _log_transition(self, old: VM | None, new: VM | None) -> None:
         vm = new or old
         assert vm is not None
+        if old is not None and new is not None and new.state is VMState.FREE and old.state in BOOTED:
+            self._reconciler.guest_arrived()
         log.info(
             "VM {vmid}: {before} -> {after}{why}",
             vmid=vm.vmid,
