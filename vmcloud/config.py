@@ -99,6 +99,7 @@ NOVA_KEYS = frozenset(
         "timeout",
         "floating_ip_pool",
         "insecure",
+        "cacert",
     }
 )
 

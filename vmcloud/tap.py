@@ -18,7 +18,7 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from twisted.application import strports
@@ -61,8 +61,24 @@ class Options(usage.Options):
         flags = {name: self[name] for name in ("api", "stomp", "state-dir", "driver")}
         try:
             self.config = parse_config(text, flags)
-        except ConfigError as e:
+            check_deployment(self.config, os.environ)
+        except ValueError as e:  # ConfigError, NovaConfigError
             raise usage.UsageError(str(e)) from None
+
+
+def check_deployment(config: Config, environ: Mapping[str, str]) -> None:
+    """Refuse, before anything starts, a configuration that would be unsafe or cannot work here."""
+    if not config.api.token and not listens_on_loopback_only(config.api.listen):
+        raise ConfigError(
+            f"[api] listen = {config.api.listen} is reachable from other hosts but no [api] token is set; "
+            "set a token or listen on 127.0.0.1"
+        )
+    if config.pool.driver == "nova":
+        from vmcloud.drivers.nova import NovaConfig
+
+        NovaConfig.from_sources(config.nova, environ)
+    if not config.broker.external:
+        guest_broker_address(config.broker.listen)
 
 
 class ThreadPoolService(Service):
@@ -103,26 +119,37 @@ def guest_broker_address(listen: str) -> str:
     return f"tcp:{host}:{parts[1]}"
 
 
-class _Startup(Service):
-    """Runs an async start-up step (driver preparation, checkpoint restore) before the next services."""
+class _Lifecycle(Service):
+    """Runs an async step at start (without holding up the services after it) and another at stop."""
 
-    def __init__(self, name: str, step: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        name: str,
+        start: Callable[[], Coroutine[Any, Any, None]],
+        stop: Callable[[], Coroutine[Any, Any, None]],
+    ) -> None:
         self.setName(name)
-        self._step = step
+        self._start = start
+        self._stop = stop
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
-        d = Deferred.fromCoroutine(self._step())
+        d = Deferred.fromCoroutine(self._start())
         d.addErrback(lambda f: log.failure("start-up step {name} failed", f, name=self.name))
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
 
 
 def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -> IService:
     """The whole controller's service tree for ``config``; nothing is started yet."""
     from vmcloud.api.accesslog import redacted_log_formatter
     from vmcloud.api.app import make_api
-    from vmcloud.pool.service import PoolConfig, PoolService
+    from vmcloud.pool.config import PoolConfig
+    from vmcloud.pool.service import PoolService
     from vmcloud.store.checkpoint import CheckpointStore
-    from vmcloud.words.channel import GuestChannel
+    from vmcloud.words.channel import GuestChannel, SharedGuestLogin
 
     clock: IReactorTime = reactor
     root = SequentialMultiService()
@@ -134,7 +161,7 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
     cloud_threads.setServiceParent(root)
     store_threads = ThreadPoolService(reactor, "vmcloud-checkpoint", 1)
     store_threads.setServiceParent(root)
-    store = CheckpointStore(state_dir.child("checkpoint.json"), dispatch=store_threads.dispatch, clock=clock)
+    store = CheckpointStore(state_dir, dispatch=store_threads.dispatch, clock=clock)
 
     # ---- broker and guest channel
     if config.broker.external:
@@ -148,7 +175,7 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
         )
         session_service.setServiceParent(root)
         session: Any = session_service
-        credentials: Any = _SharedGuestCredentials(config.broker.guest_login, config.broker.guest_passcode)
+        credentials: Any = SharedGuestLogin(config.broker.guest_login, config.broker.guest_passcode)
         guest_broker = config.broker.guest_broker or config.broker.external
     else:
         from vmcloud.broker import Broker
@@ -226,7 +253,13 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
                     port=port,
                 )
 
-        _Startup("local-driver", prepare_local).setServiceParent(root)
+        async def stop_local() -> None:
+            # VMs stay up across a restart (the checkpoint recovers them); after /shutdown there are
+            # none, and then the bridge goes too, so nothing is left behind.
+            keep = bool(pool.all_status()["vms"])
+            await driver.stop(keep_vms=keep)
+
+        _Lifecycle("local-driver", prepare_local, stop_local).setServiceParent(root)
 
     # ---- pool
     pool = PoolService(
@@ -251,13 +284,9 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
     pool.setServiceParent(root)
 
     # ---- HTTP API
+    check_deployment(config, environ)
     token = config.api.token or None
     listen = config.api.listen
-    if token is None and not listens_on_loopback_only(listen):
-        raise ConfigError(
-            f"[api] listen = {listen} is reachable from other hosts but no [api] token is set; "
-            "set a token or listen on 127.0.0.1"
-        )
     if token is None:
         log.warn("no API token configured: the API is open to local users only ({listen})", listen=listen)
     static_dir = FilePath(config.api.static_dir) if config.api.static_dir else _shipped_static()
@@ -271,20 +300,6 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
     site = Site(app.resource(), logFormatter=redacted_log_formatter)
     strports.service(listen, site).setServiceParent(root)
     return root
-
-
-class _SharedGuestCredentials:
-    """On an external broker every guest logs in with the same configured account."""
-
-    def __init__(self, login: str, passcode: str) -> None:
-        self._login = login
-        self._passcode = passcode
-
-    def mint(self, vmid: str) -> tuple[str, str]:
-        return self._login, self._passcode
-
-    def revoke(self, vmid: str) -> None:
-        pass
 
 
 def _port_of(description: str) -> int:

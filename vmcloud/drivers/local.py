@@ -93,24 +93,16 @@ _STATUS = {_RUNNING: ACTIVE, _DIED: ERROR, _DELETING: DELETING}
 
 
 def guest_agent_argv(python: str = sys.executable) -> AgentArgv:
-    """The argv of the real guest agent: ``python -m twisted -n vmcloud-guest --user-data user-data.ini``.
+    """The argv of the real guest agent: ``python -m twisted vmcloud-guest --user-data user-data.ini``.
 
     The broker address and credentials reach the agent through the user-data file in the VM's
     working directory, never through the command line.
     """
 
     def argv(request: BootRequest, broker: str) -> list[str]:
-        # --nodaemon: the agent must stay the leader of the VM's process group, logging to console.log.
-        return [
-            python,
-            "-m",
-            "twisted",
-            "--nodaemon",
-            "--pidfile=",
-            "vmcloud-guest",
-            "--user-data",
-            USER_DATA_FILE,
-        ]
+        # ``python -m twisted`` is ``twist``: it never daemonizes, so the agent stays the leader of
+        # the VM's process group and logs to console.log.
+        return [python, "-m", "twisted", "vmcloud-guest", "--user-data", USER_DATA_FILE]
 
     return argv
 

@@ -28,6 +28,7 @@ from vmcloud.pool.interfaces import (
     GuestCredentials,
     GuestInfo,
     IGuestChannel,
+    IGuestCredentialsRestore,
     IGuestListener,
 )
 from vmcloud.stomp.frame import Frame
@@ -52,6 +53,10 @@ class CredentialSource(Protocol):
         """Invalidate the VM's credentials (and drop its connection, if the broker can)."""
         ...
 
+    def restore(self, vmid: str, login: str, passcode: str) -> None:
+        """Accept again credentials minted before a controller restart."""
+        ...
+
 
 class SharedGuestLogin:
     """A :class:`CredentialSource` for external brokers, where every guest uses one configured account."""
@@ -66,6 +71,9 @@ class SharedGuestLogin:
     def revoke(self, vmid: str) -> None:
         pass
 
+    def restore(self, vmid: str, login: str, passcode: str) -> None:
+        pass  # the shared account never stopped being valid
+
 
 @attrs.define
 class _PendingCall:
@@ -75,7 +83,7 @@ class _PendingCall:
     result: Deferred[Mapping[str, Any]]
 
 
-@implementer(IGuestChannel, IControllerContext)
+@implementer(IGuestChannel, IGuestCredentialsRestore, IControllerContext)
 class GuestChannel(Service):
     """Keeps the registry of guests and lets the controller say words to them and await answers."""
 
@@ -142,6 +150,15 @@ class GuestChannel(Service):
         login, passcode = self._credentials.mint(vmid)
         self._logins[vmid] = login
         return GuestCredentials(broker=self._guest_broker, login=login, passcode=passcode)
+
+    def restore_credentials(self, vmid: str, credentials: GuestCredentials) -> None:
+        """A VM recovered from the checkpoint logs in again with the credentials it was booted with."""
+        try:
+            self._credentials.restore(vmid, credentials.login, credentials.passcode)
+        except ValueError as e:
+            log.warn("Cannot restore the credentials of VM {vmid}: {reason}", vmid=vmid, reason=str(e))
+            return
+        self._logins[vmid] = credentials.login
 
     def revoke_credentials(self, vmid: str) -> None:
         login = self._logins.pop(vmid, None)
