@@ -202,6 +202,7 @@ class Target:
     #: Connections this run may hold open to a broker it did not start: a broker out of file
     #: descriptors can break for everybody (RabbitMQ's memory monitor dies of emfile).
     connection_cap: int | None = None
+    cap_noted: bool = False
     results: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -345,6 +346,7 @@ class Conn(asyncio.Protocol):
         self.lost = False
         self.writable = asyncio.Event()
         self.writable.set()
+        self.last_at = 0.0  # when the last frame was counted
         self.outstanding = 0  # fan-in: beacons not yet confirmed by a receipt
         self.batch = b""
         self._on_close = on_close
@@ -408,6 +410,8 @@ class Conn(asyncio.Protocol):
                 found = re.search(rb"ERROR\n(?:[^\n]*\n)*?message:([^\n]*)", data)
                 self.errors.append(found.group(1).decode("utf-8", "replace") if found else "ERROR")
             self.frames += n
+            if n:
+                self.last_at = time.monotonic()
             if self.on_count is not None and n:
                 self.on_count(self, n)
             return
@@ -514,10 +518,12 @@ class Generator:
         and after ``give_up`` failures no more are attempted (the broker is at a limit)."""
         cap = self.target.connection_cap
         if cap is not None and len(self.conns) + n > cap:
-            say(
-                f"    (capping at {cap} connections in all: the broker's RLIMIT_NOFILE is "
-                f"{nofile_of(self.target.pid)}, and running it out of descriptors breaks it)"
-            )
+            if not self.target.cap_noted:
+                self.target.cap_noted = True
+                say(
+                    f"    (capping at {cap} connections in all: the broker's RLIMIT_NOFILE is "
+                    f"{nofile_of(self.target.pid)}, and running it out of descriptors breaks it)"
+                )
             n = max(0, cap - len(self.conns))
         gate = asyncio.Semaphore(concurrency)
         done: list[Conn] = []
@@ -637,15 +643,24 @@ async def fanin(target: Target, run: str, n: int, seconds: float) -> dict[str, A
         drained = await wait_until(
             lambda: consumer.frames >= sent, 20.0, stall=3.0, progress=lambda: consumer.frames
         )
-        drain_s = time.monotonic() - t1
+        drain_s = max(0.0, consumer.last_at - t1)
         rate = (d1 - d0) / (t1 - t0)
+        overall = (consumer.frames - d0) / max(consumer.last_at - t0, t1 - t0)
         loss = sent - consumer.frames
         say(
-            f"  fan-in {len(senders):5d} conns {t1 - t0:4.1f} s: {rate:9.0f} beacons/s delivered, "
-            f"sent {sent}, delivered {consumer.frames}, loss {loss}{'' if drained else ' (drain gave up)'}, "
-            f"drained {drain_s:.1f} s after stop; {cpu}" + (f"; {gen.problems()}" if gen.problems() else "")
+            f"  fan-in {len(senders):5d} conns {t1 - t0:4.1f} s: {rate:7.0f} delivered/s while loaded "
+            f"({overall:.0f}/s counting the drain), sent {sent} ({sent / (t1 - t0):.0f}/s), "
+            f"delivered {consumer.frames}, loss {loss}{'' if drained else ' (drain gave up)'}, "
+            f"last delivery {drain_s:.1f} s after stop; {cpu}"
+            + (f"; {gen.problems()}" if gen.problems() else "")
         )
-        return {"rate": rate, "loss": loss, "connections": len(senders), "problems": gen.problems()}
+        return {
+            "rate": rate,
+            "overall": overall,
+            "loss": loss,
+            "connections": len(senders),
+            "problems": gen.problems(),
+        }
     finally:
         gen.close_all()
 
@@ -915,6 +930,7 @@ async def flood(target: Target, run: str, sizes: Sizes) -> dict[str, Any]:
 
 async def measure(target: Target, sizes: Sizes, phases: Sequence[str], repeat: int) -> None:
     run = "b" + uuid.uuid4().hex[:6]
+    began = time.monotonic()
     say(f"\n== {target.label} ==")
     announced: list[str] = []
 
@@ -955,6 +971,7 @@ async def measure(target: Target, sizes: Sizes, phases: Sequence[str], repeat: i
             target.results[f"fanin{n}"] = best
     if "flood" in phases:
         target.results["flood"] = await phase("flood", lambda: flood(target, run, sizes))
+    say(f"  ({target.label}: {time.monotonic() - began:.0f} s)")
 
 
 def table(targets: Sequence[Target], sizes: Sizes) -> None:
@@ -967,6 +984,11 @@ def table(targets: Sequence[Target], sizes: Sizes) -> None:
     )
     say("\n" + head)
     say("-" * len(head))
+
+    def rtt(r: dict[str, Any]) -> str:
+        if r.get("failed"):
+            return "failed"
+        return g(r, "p50", ".2f") + "/" + g(r, "p99", ".2f")
 
     def g(r: dict[str, Any], key: str, fmt: str) -> str:
         value = r.get(key)
@@ -992,8 +1014,7 @@ def table(targets: Sequence[Target], sizes: Sizes) -> None:
         idle_r, fl = r.get("idle", {}), r.get("flood", {})
         say(
             f"{t.label[:21]:<22}{rate(fa, a):>13}{rate(fb, b):>15}{loss!s:>6}"
-            f"{g(r1, 'p50', '.2f') + '/' + g(r1, 'p99', '.2f'):>19}"
-            f"{g(r16, 'p50', '.2f') + '/' + g(r16, 'p99', '.2f'):>13}"
+            f"{rtt(r1):>19}{rtt(r16):>13}"
             f"{idle_kb(idle_r, i1):>14}{idle_kb(idle_r, i2):>13}"
             f"{(format(fl['max_rss'] / 2**20, '.0f') if fl else '-'):>11}{g(fl, 'stalls', 'd'):>8}"
         )
@@ -1016,9 +1037,12 @@ def verdicts(targets: Sequence[Target], sizes: Sizes) -> None:
             if mine is None or not theirs:
                 line(None, f"fan-in @{n} >= 2x {other.label}: not measured")
                 continue
+            mine_all = o.get(f"fanin{n}", {}).get("overall") or mine
+            theirs_all = other.results.get(f"fanin{n}", {}).get("overall") or theirs
             line(
                 mine >= 2 * theirs,
-                f"fan-in @{n} >= 2x {other.label}: {mine:.0f} vs {theirs:.0f} = {mine / theirs:.2f}x",
+                f"fan-in @{n} >= 2x {other.label}: {mine:.0f} vs {theirs:.0f} = {mine / theirs:.2f}x "
+                f"(counting the drain: {mine_all:.0f} vs {theirs_all:.0f} = {mine_all / theirs_all:.2f}x)",
             )
         loss = o.get(f"fanin{n}", {}).get("loss")
         line(None if loss is None else loss == 0, f"fan-in @{n} without loss: loss {loss}")
@@ -1142,6 +1166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     nofile = raise_nofile()
     say(
         f"bench/broker.py {'--quick ' if args.quick else ''}{time.strftime('%Y-%m-%d %H:%M:%S')}, "
