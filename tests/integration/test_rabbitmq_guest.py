@@ -6,13 +6,17 @@ the guest agent is a real ``vmcloud-guest`` process; everyone logs in as guest/g
 environment variable ``CI`` is set an unreachable RabbitMQ fails the tests; elsewhere they skip.
 
 RabbitMQ's queues are shared by everyone using that RabbitMQ: two runs of these tests at the same
-moment would take each other's messages.
+moment would take each other's messages.  Each test starts from fresh queues (a queue left broken
+by an earlier run — RabbitMQ can keep one whose process died — would otherwise swallow every
+message) and uses an identity of its own.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+import subprocess
 from unittest import SkipTest
 
 from twisted.internet import reactor
@@ -43,6 +47,18 @@ def require_rabbitmq(test: TestCase) -> None:
         raise SkipTest(reason) from None
 
 
+def fresh_queues(*identities: str) -> None:
+    """Delete the controller's queue and these guests' queues, whatever state RabbitMQ has them in."""
+    for name in ("vmcloud.controller", *(f"vmcloud.guest.{identity}" for identity in identities)):
+        subprocess.run(
+            ["rabbitmqctl", "delete_queue", name],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
+
+
 class RabbitMQGuestTests(GuestScenarios, TestCase):
     """The controller's guest channel on a STOMP client session to RabbitMQ."""
 
@@ -52,6 +68,8 @@ class RabbitMQGuestTests(GuestScenarios, TestCase):
 
     def setUp(self) -> Deferred[None]:
         require_rabbitmq(self)
+        self.identity = f"rabbitmq-guest-{secrets.token_hex(4)}"
+        fresh_queues(self.identity)
         self.session = ReconnectingSession(reactor, ENDPOINT, login="guest", passcode="guest")
         self.channel = GuestChannel(
             reactor,
@@ -71,7 +89,7 @@ class RabbitMQGuestTests(GuestScenarios, TestCase):
         return connected.addCallback(lambda _: None)
 
     def test_commands_files_and_goodbye(self) -> Deferred[None]:
-        return run(self.commands_files_and_goodbye("rabbitmq-guest-1"))
+        return run(self.commands_files_and_goodbye(self.identity))
 
 
 class RabbitMQDaemonTests(TestCase):
@@ -81,6 +99,8 @@ class RabbitMQDaemonTests(TestCase):
 
     def setUp(self) -> None:
         require_rabbitmq(self)
+        self.identity = f"rabbitmq-guest-{secrets.token_hex(4)}"
+        fresh_queues(self.identity)
 
     def test_external_broker_daemon_registers_the_guest(self) -> Deferred[None]:
         return run(self._registers())
@@ -122,7 +142,7 @@ class RabbitMQDaemonTests(TestCase):
                 "--passcode",
                 "guest",
                 "--identity",
-                "rabbitmq-guest-2",
+                self.identity,
                 "--workdir",
                 base.child("work").path,
             ],
@@ -130,6 +150,6 @@ class RabbitMQDaemonTests(TestCase):
         )
         self.addCleanup(lambda: Deferred.fromCoroutine(agent.stop()))
         try:
-            await controller.wait_for_event(timeout=30, event="guest-hello", identity="rabbitmq-guest-2")
+            await controller.wait_for_event(timeout=30, event="guest-hello", identity=self.identity)
         except AssertionError as e:
             raise AssertionError(f"{e}\n{agent.log_text()}") from None

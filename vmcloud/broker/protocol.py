@@ -41,6 +41,7 @@ from vmcloud.broker.realm import (
 )
 from vmcloud.stomp.codec import HEARTBEAT, VERSIONS, Decoder, ProtocolError, encode
 from vmcloud.stomp.frame import Frame
+from vmcloud.words.destinations import LOGIN_HEADER
 
 log = Logger()
 
@@ -327,7 +328,8 @@ class StompServerProtocol(Protocol):
         assert self.avatar is not None and self.peer is not None
         headers: Mapping[str, str] = frame.headers
         if not self.avatar.full_access:
-            headers = {**headers, "user-id": self.avatar.identity}
+            identity = self.avatar.identity
+            headers = {**headers, "user-id": identity, LOGIN_HEADER: identity}
         try:
             self.factory.realm.send(self.peer, headers["destination"], headers, frame.body)
         except RealmError as e:

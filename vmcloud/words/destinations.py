@@ -37,7 +37,8 @@ def is_controller_destination(destination: str) -> bool:
 
 
 #: Header the embedded broker stamps on every message a guest sends, with the STOMP login the guest
-#: authenticated with (replacing any value the guest wrote; STOMP's conventional ``user-id``, which
-#: ActiveMQ stamps too and RabbitMQ validates).  The controller trusts it over the ``identity`` a
-#: guest claims; where a broker does not set it, the claim is all there is.
-LOGIN_HEADER = "user-id"
+#: authenticated with (replacing any value the guest wrote).  The controller trusts it over the
+#: ``identity`` a guest claims.  Not ``user-id``: RabbitMQ fills that with the shared account's name,
+#: which says nothing about which guest spoke; where a broker does not stamp this header (external
+#: brokers, shared accounts) the guest's claim is all there is.
+LOGIN_HEADER = "vmcloud-login"
