@@ -11,6 +11,8 @@ fi
 
 echo "== ruff"
 .venv/bin/ruff check . || exit 1
+echo "== mypy"
+.venv/bin/mypy vmcloud guest_agent || exit 1
 
 echo "== pytest"
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
