@@ -201,6 +201,22 @@ class BackoffTests(SynchronousTestCase):
         self.assertFalse(w.pool.all_status()["cloud"]["quotaExceeded"])
         self.assertEqual(w.counts(), {"BOOTING": 1, "CREATING": 2})
 
+    def test_a_boot_accepted_after_a_quota_refusal_but_asked_before_it_lifts_no_pause(self) -> None:
+        # seen on the Nova path: concurrent boots, the refusal's answer overtakes an acceptance
+        w = World()
+        w.pool.set_pool_size(2, 3, 0)
+        w.turn()
+        self.assertEqual(len(w.driver.boots), 2)  # still with the cloud
+        w.advance(1)
+        w.driver.errors["boot"].append(QuotaExceeded("Quota exceeded for instances"))
+        w.pool.set_pool_size(3, 3, 0)
+        w.turn()
+        self.assertTrue(w.pool.all_status()["cloud"]["quotaExceeded"])
+        w.driver.answer_boots()
+        w.turn()
+        self.assertTrue(w.pool.all_status()["cloud"]["quotaExceeded"])
+        self.assertEqual(w.counts(), {"BOOTING": 2})  # no boot into the quota again
+
     def test_unavailable_cloud_backs_off_exponentially(self) -> None:
         config = PoolConfig(backoff_base=1.0, backoff_max=8.0)
         health = CloudHealth()

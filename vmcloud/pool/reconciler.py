@@ -101,8 +101,15 @@ def after_cloud_failure(
     )
 
 
-def after_cloud_success(health: CloudHealth, grew: bool) -> CloudHealth:
-    """The cloud answered; a successful boot also says the quota has room again."""
+def after_cloud_success(health: CloudHealth, grew: bool, issued_at: float | None = None) -> CloudHealth:
+    """The cloud answered; a successful boot also says the quota has room again.
+
+    A call issued (at ``issued_at``) before the last failure says nothing about the cloud since: a
+    boot accepted just before its neighbours were refused for quota must not lift the quota pause
+    (the pool would boot, and be refused, again at once).
+    """
+    if issued_at is not None and health.last_error_at is not None and issued_at < health.last_error_at:
+        return health
     if health.failures == 0 and health.backoff_until == 0.0 and not (grew and health.quota_failures):
         return health
     if grew:
@@ -341,8 +348,8 @@ class Reconciler:
             self.state.cloud = attrs.evolve(self.state.cloud, boot_failures=0, boot_backoff_until=0.0)
             self.state.changes += 1
 
-    def _cloud_ok(self, grew: bool = False) -> None:
-        health = after_cloud_success(self.state.cloud, grew)
+    def _cloud_ok(self, issued_at: float, grew: bool = False) -> None:
+        health = after_cloud_success(self.state.cloud, grew, issued_at)
         if health is not self.state.cloud:
             log.info("The cloud answers again", event="cloud-backoff")
             self.state.cloud = health
@@ -357,6 +364,7 @@ class Reconciler:
             credentials=credentials,
         )
         log.info("Booting VM {vmid} as {name}", vmid=vmid, name=request.name, event="boot")
+        issued_at = self.clock.seconds()
         try:
             server_id = await self.driver.boot(request)
         except Exception as e:
@@ -365,7 +373,7 @@ class Reconciler:
             if vmid not in self.state.vms:
                 self._revoke(vmid)
         else:
-            self._cloud_ok(grew=True)
+            self._cloud_ok(issued_at, grew=True)
             if not self.state.boot_done(vmid, version, server_id, self.clock.seconds()):
                 log.info(
                     "VM {vmid} is no longer wanted; deleting the server {server_id} it got",
@@ -384,22 +392,24 @@ class Reconciler:
             reason=reason,
             event="delete",
         )
+        issued_at = self.clock.seconds()
         try:
             await self.driver.delete(server_id)
         except Exception as e:
             self._cloud_failed(f"deleting VM {vmid}", e)
         else:
-            self._cloud_ok()
+            self._cloud_ok(issued_at)
             self.state.delete_done(vmid, server_id)
         self.schedule()
 
     async def _delete_stray(self, server_id: str) -> None:
+        issued_at = self.clock.seconds()
         try:
             await self.driver.delete(server_id)
         except Exception as e:
             self._cloud_failed(f"deleting server {server_id}", e)
         else:
-            self._cloud_ok()
+            self._cloud_ok(issued_at)
             self.state.stray_deleted(server_id)
         self.schedule()
 
@@ -409,7 +419,7 @@ class Reconciler:
         except Exception as e:
             self._cloud_failed("listing the servers", e)
         else:
-            self._cloud_ok()
+            self._cloud_ok(issued_at)
             now = self.clock.seconds()
             self.last_listing_at = now
             self.state.observe_servers(servers, issued_at, now, self.config.prefix)
