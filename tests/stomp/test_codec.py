@@ -386,3 +386,44 @@ class PropertyTests(SynchronousTestCase):
             i += step
         self.assertEqual(got, expected)
         self.assertEqual(decoder.bytes_received, len(stream))
+
+
+#: Pieces of header text on the wire: plain, escapes of every version, wrong escapes, odd bytes.
+_pieces = ["a", "b", " ", ":", "\u00e9", "\\n", "\\c", "\\r", "\\\\", "\\t", "\\", "\r"]
+_escaped_text = st.lists(st.sampled_from(_pieces[:8]) | st.sampled_from(_pieces), max_size=6).map("".join)
+raw_header_text = st.builds(
+    lambda name, value: f"{name}:{value}", _escaped_text, _escaped_text
+) | st.sampled_from(["", "no-colon", ":no-name"])
+
+
+@st.composite
+def raw_header_blocks(draw: st.DrawFn) -> bytes:
+    """Header blocks as a peer may write them, escapes right or wrong, content-length or not."""
+    command = draw(st.sampled_from(["SEND", "MESSAGE", "CONNECT", "ACK"]))
+    lines = draw(st.lists(raw_header_text, max_size=4))
+    if draw(st.booleans()):
+        length = "content-length:" + draw(st.sampled_from(["3", "x", " 3"]))
+        lines.insert(draw(st.integers(0, len(lines))), length)
+    return "\n".join([command, *lines]).encode("utf-8") + b"\n\nabc\x00"
+
+
+class FastPathTests(SynchronousTestCase):
+    """The decoder parses a fully buffered, plain header block in one go (fed whole) and line by
+    line otherwise (fed byte by byte); both must give the same frames, or the same error."""
+
+    @settings(max_examples=400, deadline=None)
+    @given(raw_header_blocks(), st.sampled_from(["1.0", "1.1", "1.2"]))
+    def test_fast_and_line_by_line_paths_agree(self, data: bytes, version: str) -> None:
+        outcomes = []
+        for chunk in (len(data), 1):
+            decoder = Decoder()
+            decoder.version = version
+            frames: list[Frame] = []
+            try:
+                for i in range(0, len(data), chunk):
+                    frames.extend(decoder.feed(data[i : i + chunk]))
+            except ProtocolError as e:
+                outcomes.append(("error", e.message))
+            else:
+                outcomes.append(("frames", [(f.command, list(f.headers.items()), f.body) for f in frames]))
+        self.assertEqual(outcomes[0], outcomes[1])

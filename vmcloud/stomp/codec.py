@@ -14,6 +14,7 @@ raw colons in values (split at the first colon), repeated headers (the first one
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import attrs
@@ -244,32 +245,63 @@ class Decoder:
     def _fast_head(self) -> bool:
         """Parse command and headers in one go when the whole block is buffered and plain.
 
-        The common case (LF endings, no NUL in the header block, within the limits); anything
-        else returns False and goes through the line-by-line path, which reports errors.
+        The common case (LF endings, no NUL in the header block, within the limits, valid
+        escapes); anything else returns False and goes through the line-by-line path, which
+        decodes the odd cases and reports errors with the same frames and messages.
         """
         buf, pos = self._buf, self._pos
         end = buf.find(b"\n\n", pos)
         if end < 0:
             return False
-        block = bytes(buf[pos:end])
-        if b"\x00" in block or b"\r" in block:
-            return False
-        lines = block.split(b"\n")
         limits = self.limits
-        if len(lines) > limits.max_headers + 1 or max(map(len, lines)) > limits.max_header_line:
+        if buf.count(b"\n", pos, end) > limits.max_headers:
             return False
         try:
-            text_lines = block.decode("utf-8").split("\n")
+            text = buf[pos:end].decode("utf-8")
         except UnicodeDecodeError:
             return False
-        command = text_lines[0]
+        if "\x00" in text or "\r" in text:
+            return False
+        lines = text.split("\n")
+        if end - pos > limits.max_header_line and (
+            max(map(len, bytes(buf[pos:end]).split(b"\n"))) > limits.max_header_line
+        ):
+            return False
+        command = lines[0]
+        version = self.version
+        plain = command in UNESCAPED_COMMANDS
+        escaped = version != "1.0" and not plain
+        strip = version == "1.0" and not plain
+        headers: dict[str, str] = {}
+        for index in range(1, len(lines)):
+            name, colon, value = lines[index].partition(":")
+            if not name or not colon:
+                return False
+            if escaped:
+                if "\\" in name:
+                    unescaped = _unescape_fast(name, version)
+                    if unescaped is None:
+                        return False
+                    name = unescaped
+                if "\\" in value:
+                    unescaped = _unescape_fast(value, version)
+                    if unescaped is None:
+                        return False
+                    value = unescaped
+            elif strip:
+                value = value.strip()
+            if name not in headers:
+                headers[name] = value
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                self._length = _content_length(length, limits.max_body)
+            except ProtocolError:
+                return False
+        else:
+            self._length = None
         self._command = command
-        self._headers = {}
-        self._length = None
-        escaped = self.version != "1.0" and command not in UNESCAPED_COMMANDS
-        unescape = _UNESCAPE_12 if self.version == "1.2" else _UNESCAPE_11
-        for line in text_lines[1:]:
-            self._header(line, escaped, unescape)
+        self._headers = headers
         self._pos = self._scan = end + 2
         self._state = _BODY
         return True
@@ -299,7 +331,7 @@ class Decoder:
 
     def _finish(self, body: bytes) -> Frame:
         self._state = _HEAD
-        return Frame(self._command, self._headers, body)
+        return Frame.adopting(self._command, self._headers, body)
 
     def _line(self) -> bytes | None:
         """The next line (without its LF) from the buffer, or None until it is complete.
@@ -351,6 +383,37 @@ def _unescape(text: str, table: Mapping[int, str]) -> str:
         out.append(replacement)
         i = backslash + 2
     return "".join(out)
+
+
+_BAD_ESCAPE_11 = re.compile(r"\\(?![nc])")
+_BAD_ESCAPE_12 = re.compile(r"\\(?![ncr])")
+
+
+def _unescape_fast(text: str, version: str) -> str | None:
+    """:func:`_unescape` for the common case, with C-level string calls; None for the rest.
+
+    Without an escaped backslash every backslash starts an escape, so checking what follows
+    each one and replacing the sequences one kind at a time is exact.  Text with an escaped
+    backslash goes through :func:`_unescape`; None when the text is not validly escaped (the
+    line-by-line path then reports the error).
+    """
+    if "\\\\" in text:
+        try:
+            return _unescape(text, _UNESCAPE_12 if version == "1.2" else _UNESCAPE_11)
+        except ProtocolError:
+            return None
+    if version == "1.2":
+        if _BAD_ESCAPE_12.search(text) is not None:
+            return None
+        if "\\r" in text:
+            text = text.replace("\\r", "\r")
+    elif _BAD_ESCAPE_11.search(text) is not None:
+        return None
+    if "\\c" in text:
+        text = text.replace("\\c", ":")
+    if "\\n" in text:
+        text = text.replace("\\n", "\n")
+    return text
 
 
 def _content_length(value: str, max_body: int) -> int:

@@ -27,3 +27,16 @@ class Frame:
 
     def get(self, name: str, default: str | None = None) -> str | None:
         return self.headers.get(name, default)
+
+    @classmethod
+    def adopting(cls, command: str, headers: dict[str, str], body: bytes = b"") -> Frame:
+        """A frame that takes ``headers`` as its own instead of copying it.
+
+        For hot paths (the decoder, the broker) that build a fresh dict and never touch it again;
+        the frame is the same as ``Frame(command, headers, body)``.
+        """
+        frame = object.__new__(cls)
+        object.__setattr__(frame, "command", command)
+        object.__setattr__(frame, "headers", headers)
+        object.__setattr__(frame, "body", body)
+        return frame
