@@ -6,14 +6,20 @@
 
 It prints the ``OS_*`` variables and the ``[nova]`` ids to use, and the control API's URL.  With
 ``--guest-command`` every server that becomes ACTIVE starts that command (see
-:mod:`vmcloud.novasim.guests`), stopped again when the server is deleted.
+:mod:`vmcloud.novasim.guests`), stopped again when the server is deleted.  With ``--request-log
+FILE`` every request is appended to ``FILE`` as one JSON line ``{"t", "method", "path", "query",
+"status"}`` (``t``: epoch seconds when the simulator took it), so a test can check *when* a client
+called, not only how often (``/_sim/counters``).
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
-from typing import Any
+import time
+from typing import IO, Any
+from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
 from twisted.logger import (
@@ -24,6 +30,9 @@ from twisted.logger import (
     textFileLogObserver,
 )
 from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 
 from vmcloud.novasim.guests import GuestProcesses
 from vmcloud.novasim.identity import Identity
@@ -84,6 +93,7 @@ class Options(usage.Options):
             None,
             "command started for every ACTIVE server ({user_data} {mac} {ip} {id} {name})",
         ],
+        ["request-log", None, None, "append one JSON line per request to this file"],
     ]
 
     def postOptions(self) -> None:  # noqa: N802
@@ -117,6 +127,47 @@ class Options(usage.Options):
             project_name=self["project"],
             static_token=self["static-token"],
         )
+
+
+class RequestLog(Resource):
+    """Wraps the simulator's resource: one JSON line per request once it is answered (or dropped)."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource, out: IO[str]) -> None:
+        super().__init__()
+        self._inner = inner
+        self._out = out
+
+    def render(self, request: Request) -> Any:
+        record = {
+            "t": round(time.time(), 6),
+            "method": request.method.decode("latin-1"),
+            "path": request.path.decode("latin-1"),
+            "query": urlsplit(request.uri.decode("latin-1")).query,
+        }
+
+        def done(result: Failure | None) -> None:
+            record["status"] = request.code
+            if isinstance(result, Failure):
+                record["dropped"] = True
+            self._out.write(json.dumps(record) + "\n")
+            self._out.flush()
+
+        request.notifyFinish().addBoth(done)
+        return self._inner.render(request)
+
+
+class _LoggedSimulator(Simulator):
+    """A simulator whose site logs every request when :attr:`request_log` is set."""
+
+    request_log: IO[str] | None = None
+
+    def site(self) -> Site:
+        site = super().site()
+        if self.request_log is not None:
+            site.resource = RequestLog(site.resource, self.request_log)
+        return site
 
 
 def banner(sim: Simulator) -> str:
@@ -159,7 +210,7 @@ def main(reactor: Any, *argv: str) -> defer.Deferred[None]:
     guests = None
     if options["guest-command"]:
         guests = GuestProcesses(reactor, shlex.split(options["guest-command"]))
-    sim = Simulator(
+    sim = _LoggedSimulator(
         reactor,
         settings=options.settings,
         identity=options.identity,
@@ -167,6 +218,8 @@ def main(reactor: Any, *argv: str) -> defer.Deferred[None]:
         on_active=guests.on_active if guests else None,
         on_deleted=guests.on_deleted if guests else None,
     )
+    if options["request-log"]:
+        sim.request_log = open(options["request-log"], "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
     sim.listen(reactor, options["port"], options["interface"])
     sys.stdout.write(banner(sim))
     sys.stdout.flush()
