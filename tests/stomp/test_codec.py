@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from vmcloud.stomp.codec import BODY_COMMANDS, HEARTBEAT, Decoder, Limits, ProtocolError, encode
+from vmcloud.stomp.codec import BODY_COMMANDS, HEARTBEAT, Decoder, Limits, ProtocolError, encode, header_lines
 from vmcloud.stomp.frame import Frame
 
 DEFAULT_LIMITS = Limits()
@@ -427,3 +427,76 @@ class FastPathTests(SynchronousTestCase):
             else:
                 outcomes.append(("frames", [(f.command, list(f.headers.items()), f.body) for f in frames]))
         self.assertEqual(outcomes[0], outcomes[1])
+
+
+def reference_encode(frame: Frame, version: str) -> bytes:
+    """The encoder as first written, one header at a time: the fast encoder must match it."""
+    escape_11 = str.maketrans({"\\": "\\\\", "\n": "\\n", ":": "\\c"})
+    escape_12 = str.maketrans({"\\": "\\\\", "\n": "\\n", ":": "\\c", "\r": "\\r"})
+    command = frame.command
+    escaped = version != "1.0" and command not in ("CONNECT", "CONNECTED", "STOMP")
+    table = escape_12 if version == "1.2" else escape_11
+    body = frame.body
+    with_length = bool(body) or command in BODY_COMMANDS
+    parts = [command]
+    for name, value in frame.headers.items():
+        if not name:
+            raise ValueError("empty header name")
+        if with_length and name == "content-length":
+            continue
+        if escaped:
+            name = name.translate(table)
+            value = value.translate(table)
+        else:
+            if ":" in name or "\n" in name or "\r" in name:
+                raise ValueError(f"header name {name!r} cannot travel unescaped")
+            if "\n" in value or "\r" in value:
+                raise ValueError(f"header {name!r} has a line break and cannot travel unescaped")
+        if "\x00" in name or "\x00" in value:
+            raise ValueError(f"header {name!r} contains NUL")
+        parts.append(f"{name}:{value}")
+    if with_length:
+        parts.append(f"content-length:{len(body)}")
+    parts.append("")
+    parts.append("")
+    return "\n".join(parts).encode("utf-8") + body + b"\x00"
+
+
+any_header_text = st.text(st.sampled_from(list("ab:\\\n\r\x00c\u00e9")), max_size=8)
+
+
+class EncodeFastPathTests(SynchronousTestCase):
+    @settings(max_examples=400, deadline=None)
+    @given(
+        st.sampled_from(["SEND", "MESSAGE", "CONNECT", "CONNECTED", "ACK", "RECEIPT"]),
+        st.dictionaries(any_header_text | st.just("content-length"), any_header_text, max_size=5),
+        st.binary(max_size=4),
+        st.sampled_from(["1.0", "1.1", "1.2"]),
+    )
+    def test_encode_matches_the_one_header_at_a_time_encoder(
+        self, command: str, headers: dict[str, str], body: bytes, version: str
+    ) -> None:
+        outcomes = []
+        for encoder in (encode, reference_encode):
+            try:
+                outcomes.append(encoder(Frame(command, headers, body), version))
+            except ValueError as e:
+                outcomes.append(str(e))
+        self.assertEqual(outcomes[0], outcomes[1])
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.dictionaries(any_header_text | st.just("content-length"), any_header_text, max_size=5),
+        st.sampled_from(["1.0", "1.1", "1.2"]),
+    )
+    def test_header_lines_are_what_encode_writes(self, headers: dict[str, str], version: str) -> None:
+        try:
+            expected = encode(Frame("MESSAGE", headers), version)
+        except ValueError as e:
+            with self.assertRaises(ValueError) as raised:
+                header_lines(headers, version)
+            self.assertEqual(str(raised.exception), str(e))
+            return
+        self.assertEqual(
+            b"MESSAGE\n" + header_lines(headers, version) + b"content-length:0\n\n\x00", expected
+        )

@@ -14,6 +14,7 @@ raw colons in values (split at the first colon), repeated headers (the first one
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping
 
@@ -437,16 +438,53 @@ def encode(frame: Frame, version: str = "1.2") -> bytes:
     command = frame.command
     if command not in _COMMANDS and (not command or any(c in command for c in "\r\n\x00:")):
         raise ValueError(f"not a STOMP command: {command!r}")
-    escaped = version != "1.0" and command not in UNESCAPED_COMMANDS
-    table = _ESCAPE_12 if version == "1.2" else _ESCAPE_11
     body = frame.body
     with_length = bool(body) or command in BODY_COMMANDS
-    parts = [command]
-    for name, value in frame.headers.items():
+    lines = _header_lines(frame.headers, version, command not in UNESCAPED_COMMANDS, with_length)
+    head = f"{command}\n{lines}content-length:{len(body)}\n\n" if with_length else f"{command}\n{lines}\n"
+    return b"".join((head.encode("utf-8"), body, b"\x00"))
+
+
+def header_lines(headers: Mapping[str, str], version: str = "1.2") -> bytes:
+    """The header lines (``name:value`` and an LF each) that :func:`encode` writes for
+    ``headers`` in a SEND, MESSAGE or ERROR frame, any ``content-length`` left out.
+
+    For a relay that writes the same headers in many frames: encode them once, frame them many
+    times.  Raises :class:`ValueError` where :func:`encode` would.
+    """
+    return _header_lines(headers, version, True, True).encode("utf-8")
+
+
+def _header_lines(headers: Mapping[str, str], version: str, escapable: bool, skip_length: bool) -> str:
+    if skip_length and "content-length" in headers:
+        headers = {name: value for name, value in headers.items() if name != "content-length"}
+    if not headers:
+        return ""
+    if escapable and version != "1.0":
+        # Escape every name and value in one pass over one string; NUL, which no header may
+        # hold, keeps them apart.  An empty name or a NUL goes through the checking loop.
+        flat = "\x00".join(itertools.chain.from_iterable(headers.items()))
+        if "\\" in flat:
+            flat = flat.replace("\\", "\\\\")
+        if "\n" in flat:
+            flat = flat.replace("\n", "\\n")
+        if ":" in flat:
+            flat = flat.replace(":", "\\c")
+        if version == "1.2" and "\r" in flat:
+            flat = flat.replace("\r", "\\r")
+        fields = flat.split("\x00")
+        if len(fields) == 2 * len(headers) and "" not in headers:
+            return "\n".join(map(":".join, zip(fields[::2], fields[1::2], strict=True))) + "\n"
+    return _checked_header_lines(headers, version, escapable and version != "1.0")
+
+
+def _checked_header_lines(headers: Mapping[str, str], version: str, escaped: bool) -> str:
+    """Header lines one header at a time, raising :class:`ValueError` for the first bad one."""
+    table = _ESCAPE_12 if version == "1.2" else _ESCAPE_11
+    parts = []
+    for name, value in headers.items():
         if not name:
             raise ValueError("empty header name")
-        if with_length and name == "content-length":
-            continue
         if escaped:
             name = name.translate(table)
             value = value.translate(table)
@@ -457,12 +495,8 @@ def encode(frame: Frame, version: str = "1.2") -> bytes:
                 raise ValueError(f"header {name!r} has a line break and cannot travel unescaped")
         if "\x00" in name or "\x00" in value:
             raise ValueError(f"header {name!r} contains NUL")
-        parts.append(f"{name}:{value}")
-    if with_length:
-        parts.append(f"content-length:{len(body)}")
-    parts.append("")
-    parts.append("")
-    return "\n".join(parts).encode("utf-8") + body + b"\x00"
+        parts.append(f"{name}:{value}\n")
+    return "".join(parts)
 
 
 #: One heart-beat: a single EOL between frames.
