@@ -58,6 +58,7 @@ class PoolSettings:
     poll_interval: float = 5.0
     events_per_handle: int = 1000
     cloud_threads: int = 4
+    quota_retry: float = 60.0
 
 
 @attrs.frozen

@@ -278,6 +278,7 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
             timeout_cloud=config.pool.timeout_cloud,
             poll_interval=config.pool.poll_interval,
             events_per_handle=config.pool.events_per_handle,
+            quota_retry=config.pool.quota_retry,
             long_poll_default=config.api.long_poll_default,
         ),
     )
