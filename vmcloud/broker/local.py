@@ -87,7 +87,7 @@ class LocalSession:
             headers["redelivered"] = "true"
         headers.update(message.headers)
         try:
-            callback(Frame("MESSAGE", headers, message.body))
+            callback(Frame.adopting("MESSAGE", headers, message.body))
         except Exception:
             log.failure(
                 "Local subscriber {session} failed on a message to {destination}",

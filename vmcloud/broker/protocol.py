@@ -39,7 +39,7 @@ from vmcloud.broker.realm import (
     RealmError,
     Subscription,
 )
-from vmcloud.stomp.codec import HEARTBEAT, VERSIONS, Decoder, ProtocolError, encode
+from vmcloud.stomp.codec import HEARTBEAT, VERSIONS, Decoder, ProtocolError, encode, header_lines
 from vmcloud.stomp.frame import Frame
 from vmcloud.words.destinations import LOGIN_HEADER
 
@@ -133,6 +133,8 @@ class StompServerProtocol(Protocol):
         self._beat_call: IDelayedCall | None = None
         self._check_call: IDelayedCall | None = None
         self._resume_call: IDelayedCall | None = None
+        #: encoded MESSAGE heads per subscription (see :meth:`deliver`)
+        self._heads: dict[Subscription, object] = {}
 
     # -- connection life
 
@@ -326,12 +328,13 @@ class StompServerProtocol(Protocol):
 
     def _publish(self, frame: Frame) -> None:
         assert self.avatar is not None and self.peer is not None
-        headers: Mapping[str, str] = frame.headers
+        headers = frame.headers
+        stamp = None
         if not self.avatar.full_access:
             identity = self.avatar.identity
-            headers = {**headers, "user-id": identity, LOGIN_HEADER: identity}
+            stamp = {"user-id": identity, LOGIN_HEADER: identity}
         try:
-            self.factory.realm.send(self.peer, headers["destination"], headers, frame.body)
+            self.factory.realm.send(self.peer, headers["destination"], headers, frame.body, stamp)
         except RealmError as e:
             raise ProtocolError(str(e)) from None
 
@@ -366,6 +369,9 @@ class StompServerProtocol(Protocol):
             )
             if sub_id is None:
                 return
+        subscription = self.peer.subscriptions.get(sub_id)
+        if subscription is not None:
+            self._heads.pop(subscription, None)
         self.factory.realm.unsubscribe(self.peer, sub_id)
 
     def _ack(self, frame: Frame) -> None:
@@ -471,19 +477,39 @@ class StompServerProtocol(Protocol):
         return len(data)
 
     def deliver(self, subscription: Subscription, message: Message) -> int:
-        """IBrokerClient: write one MESSAGE frame for ``subscription``."""
-        message_id = message.message_id
-        headers = {
-            "destination": message.destination,
-            "message-id": message_id,
-            "subscription": subscription.id,
-        }
+        """IBrokerClient: write one MESSAGE frame for ``subscription``.
+
+        The bytes are what ``encode`` makes of the frame, put together from pieces encoded once:
+        the message's user headers (once per STOMP version, shared by every subscriber) and this
+        subscription's destination and id.  Headers a 1.0 peer cannot receive take the slow path.
+        """
+        version = self.version
+        wire = message.wire
+        user = wire.get(version, _UNENCODED)
+        if user is _UNENCODED:
+            try:
+                user = header_lines(message.headers, version) + b"content-length:%d\n\n" % len(message.body)
+            except ValueError:
+                user = None
+            wire[version] = user
+        head = self._heads.get(subscription, _UNENCODED)
+        if head is _UNENCODED:
+            head = self._heads[subscription] = _message_head(subscription, version)
+        if user is None or head is None:
+            return self._write(_message_frame(subscription, message))
+        assert isinstance(user, bytes) and isinstance(head, tuple)
+        message_id = message.message_id.encode()
+        parts = [head[0], message_id, head[1]]
         if subscription.ack is not AckMode.AUTO:
-            headers["ack"] = message_id
+            parts += (b"ack:", message_id, b"\n")
         if message.redelivered:
-            headers["redelivered"] = "true"
-        headers.update(message.headers)
-        return self._write(Frame("MESSAGE", headers, message.body))
+            parts.append(b"redelivered:true\n")
+        parts += (user, message.body, b"\x00")
+        data = b"".join(parts)
+        if self._out_interval:
+            self._last_write = self.factory.clock.seconds()
+        self.out.write(data)
+        return len(data)
 
     def _fail(self, message: str, frame: Frame | None = None, extra: Mapping[str, str] | None = None) -> None:
         """Send ERROR saying ``message``, then close once it is flushed."""
@@ -621,6 +647,36 @@ class StompServerProtocol(Protocol):
             if call is not None and call.active():
                 call.cancel()
             setattr(self, name, None)
+
+
+_UNENCODED = object()
+
+
+def _message_head(subscription: Subscription, version: str) -> tuple[bytes, bytes] | None:
+    """The encoded MESSAGE lines before and after the message-id for ``subscription``, or None
+    when ``version`` cannot carry its destination or id."""
+    try:
+        destination = header_lines({"destination": subscription.destination}, version)
+        sub_id = header_lines({"subscription": subscription.id}, version)
+    except ValueError:
+        return None
+    return b"MESSAGE\n" + destination + b"message-id:", b"\n" + sub_id
+
+
+def _message_frame(subscription: Subscription, message: Message) -> Frame:
+    """The MESSAGE frame delivering ``message`` to ``subscription``."""
+    message_id = message.message_id
+    headers = {
+        "destination": message.destination,
+        "message-id": message_id,
+        "subscription": subscription.id,
+    }
+    if subscription.ack is not AckMode.AUTO:
+        headers["ack"] = message_id
+    if message.redelivered:
+        headers["redelivered"] = "true"
+    headers.update(message.headers)
+    return Frame.adopting("MESSAGE", headers, message.body)
 
 
 def _representable(name: str, value: str) -> bool:

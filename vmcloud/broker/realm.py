@@ -70,16 +70,43 @@ class StoreFullError(RealmError):
     """The broker-wide store is full; the SEND cannot be accepted."""
 
 
-@attrs.frozen
 class Message:
-    """One published message; shared, never copied, by every subscriber it goes to."""
+    """One published message; shared, never copied, by every subscriber it goes to.
 
-    message_id: str
-    destination: str
-    headers: Mapping[str, str]  # user headers only (RESERVED_HEADERS removed)
-    body: bytes
-    size: int  # accounting size in bytes
-    redelivered: bool = False
+    A plain slotted class rather than an attrs record: one is built per SEND on the broker's
+    hottest path.  Treat it as immutable; :meth:`redelivery` makes the redelivered copy.
+    """
+
+    __slots__ = ("body", "destination", "headers", "message_id", "redelivered", "size", "wire")
+
+    def __init__(
+        self,
+        message_id: str,
+        destination: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        size: int,
+        redelivered: bool = False,
+        wire: dict[str, bytes | None] | None = None,
+    ) -> None:
+        self.message_id = message_id
+        self.destination = destination
+        #: user headers only (RESERVED_HEADERS removed)
+        self.headers = headers
+        self.body = body
+        #: accounting size in bytes
+        self.size = size
+        self.redelivered = redelivered
+        #: what wire protocols cache per STOMP version (the encoded user headers), shared with
+        #: the redelivered copy; filled and read by :class:`IBrokerClient` implementations
+        self.wire: dict[str, bytes | None] = {} if wire is None else wire
+
+    def redelivery(self) -> Message:
+        """The same message, marked ``redelivered``."""
+        return Message(self.message_id, self.destination, self.headers, self.body, self.size, True, self.wire)
+
+    def __repr__(self) -> str:
+        return f"Message({self.message_id!r}, {self.destination!r}, redelivered={self.redelivered})"
 
 
 class IBrokerClient(Interface):
@@ -287,12 +314,23 @@ class Realm:
 
     # -- publishing
 
-    def send(self, publisher: Peer, destination: str, headers: Mapping[str, str], body: bytes) -> None:
-        """Publish; raises :class:`StoreFullError` when a queue message cannot be stored."""
+    def send(
+        self,
+        publisher: Peer,
+        destination: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        stamp: Mapping[str, str] | None = None,
+    ) -> None:
+        """Publish; raises :class:`StoreFullError` when a queue message cannot be stored.
+
+        ``stamp``: headers the broker sets over the publisher's (who the publisher is), as if
+        ``{**headers, **stamp}`` had been sent.
+        """
         user = {k: v for k, v in headers.items() if k not in RESERVED_HEADERS}
-        size = len(body) + _MESSAGE_OVERHEAD
-        for name, value in user.items():
-            size += len(name) + len(value)
+        if stamp:
+            user.update(stamp)
+        size = len(body) + _MESSAGE_OVERHEAD + sum(map(len, user)) + sum(map(len, user.values()))
         message = Message(f"m-{next(self._ids)}", destination, user, body, size)
         if is_queue(destination):
             self._enqueue(publisher, message)
@@ -362,7 +400,7 @@ class Realm:
         self._stored_bytes -= message.size
 
     def _requeue(self, queue: Queue, messages: Iterable[Message]) -> None:
-        again = [attrs.evolve(m, redelivered=True) for m in messages]
+        again = [m.redelivery() for m in messages]
         queue.backlog.extendleft(reversed(again))
         for message in again:
             queue.backlog_bytes += message.size
