@@ -113,6 +113,11 @@ class NetnsLayout:
         return str(self.subnet.network_address + 1)
 
     @property
+    def bridge_mac(self) -> str:
+        """The bridge's own, fixed MAC (locally administered, derived from its name)."""
+        return self.mac("bridge:" + self.bridge)
+
+    @property
     def max_slot(self) -> int:
         """The highest slot number: every host address but the bridge's."""
         return self.subnet.num_addresses - 3
@@ -300,6 +305,10 @@ class HostNetwork:
         if (layout.bridge_ip, layout.subnet.prefixlen) not in present:
             cidr = f"{layout.bridge_ip}/{layout.subnet.prefixlen}"
             await self._must(self._ip, "addr", "add", cidr, "dev", layout.bridge)
+        # A bridge without an address of its own takes the lowest MAC of its ports, so it changes
+        # whenever a VM's veth comes or goes, and every guest's ARP entry for the broker goes stale:
+        # their packets are dropped until ARP gives up on the old MAC (tens of seconds).
+        await self._must(self._ip, "link", "set", layout.bridge, "address", layout.bridge_mac)
         await self._must(self._ip, "link", "set", layout.bridge, "up")
 
     async def remove_bridge(self) -> None:
