@@ -195,6 +195,11 @@ class WalkThroughTests(SynchronousTestCase):
         w.settle()
         self.assertEqual(w.counts(), {"OCCUPIED": 1, "FREE": 2})
         self.assertTrue(w.pool.handle_status(handle)["assigned"])
+        # Not empty while a VM of it is locked: still there, still refusing locks with 409.
+        self.assertEqual([b["id"] for b in w.pool.all_status()["batches"]], [batch])
+        self.assertRaises(BatchCancelled, w.pool.lock, batch)
+        w.pool.release(handle)
+        w.settle()
         self.assertEqual(w.pool.all_status()["batches"], [])
         self.assertRaises(UnknownBatch, w.pool.lock, batch)
 

@@ -459,6 +459,7 @@ def _drop_batches(p: _Pass, remaining: dict[str, int]) -> None:
             and not remaining.get(batch.id)
             and p.count(VMState.READY, batch.id) <= 0
             and p.count(VMState.WAIT, batch.id) <= 0
+            and p.count(VMState.OCCUPIED, batch.id) <= 0
         ):
             p.actions.append(DropBatch(batch.id))
 
