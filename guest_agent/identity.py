@@ -91,6 +91,25 @@ def discover(interface: str | None = None, *, net: Any = netifaces) -> HostIdent
             interface=default_interface,
             event="identity-no-address",
         )
+    # No default route (an isolated VM network, like the local driver's namespaces, where only the
+    # host is reachable): the first interface with an IPv4 address that is not loopback is still the
+    # VM's identity, as the cloud (or driver) knows it.
+    for name in sorted(net.interfaces()):
+        ip = _ipv4_of(net, name)
+        if ip is None or ip.startswith("127."):
+            continue
+        mac = _mac_of(net, name)
+        if mac == NO_MAC:
+            continue
+        identity = HostIdentity(mac=mac, ip=ip, interface=name, gateway=_gateway_of(gateways, af_inet, name))
+        log.info(
+            "Identity: {interface} mac {mac} ip {ip} (no default route)",
+            interface=name,
+            mac=mac,
+            ip=ip,
+            event="identity-discovered",
+        )
+        return identity
     loopback = _loopback(net)
     log.warn(
         "No usable default IPv4 route: using the loopback interface {interface} ({ip});"

@@ -13,6 +13,10 @@ from guest_agent.identity import HostIdentity, IdentityError, default_broker, di
 AF_INET, AF_LINK = 2, 17
 
 
+def _ipv4(addresses: dict[int, list[dict[str, str]]]) -> str:
+    return addresses[AF_INET][0]["addr"]
+
+
 class FakeNet:
     """Just what ``discover`` reads from netifaces."""
 
@@ -82,9 +86,18 @@ class DiscoverTests(SynchronousTestCase):
             discover("tun0", net=net)
         self.assertIn("no IPv4 address", str(caught.exception))
 
+    def test_no_default_route_uses_the_addressed_interface(self) -> None:
+        """An isolated VM network (the local driver's namespaces) has no default route: the VM's own
+        interface is still its identity, as the driver knows it."""
+        net = FakeNet({"default": {}}, {"lo": LO, "eth0": ETH0})
+        identity = discover(net=net)
+        self.assertEqual(identity.interface, "eth0")
+        self.assertEqual(identity.ip, _ipv4(ETH0))
+        self.assertEqual(identity.gateway, None)
+
     def test_no_default_route_falls_back_to_loopback_and_logs(self) -> None:
         events = captured_events(self)
-        net = FakeNet({"default": {}}, {"lo": LO, "eth0": ETH0})
+        net = FakeNet({"default": {}}, {"lo": LO})
         identity = discover(net=net)
         self.assertEqual(
             identity, HostIdentity(mac="00:00:00:00:00:00", ip="127.0.0.1", interface="lo", gateway=None)

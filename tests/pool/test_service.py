@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -56,7 +57,10 @@ class WalkThroughTests(SynchronousTestCase):
                 dict(request.metadata),
                 {"vmcloud-controller": "test-controller", "vmcloud-vmid": request.vmid},
             )
-            self.assertEqual(request.credentials, w.channel.minted[request.vmid])
+            self.assertEqual(
+                request.credentials,
+                attrs.evolve(w.channel.minted[request.vmid], beacon_interval=w.pool.config.beacon_interval),
+            )
         self.assertEqual(w.counts(), {"CREATING": 2})
         w.driver.answer_boots()
         w.turn()

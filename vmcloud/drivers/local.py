@@ -102,7 +102,8 @@ def guest_agent_argv(python: str = sys.executable) -> AgentArgv:
     def argv(request: BootRequest, broker: str) -> list[str]:
         # ``python -m twisted`` is ``twist``: it never daemonizes, so the agent stays the leader of
         # the VM's process group and logs to console.log.
-        return [python, "-m", "twisted", "vmcloud-guest", "--user-data", USER_DATA_FILE]
+        # Text logs: the console's last line is quoted as the reason when an agent dies.
+        return [python, "-m", "twisted", "--log-format=text", "vmcloud-guest", "--user-data", USER_DATA_FILE]
 
     return argv
 
@@ -726,6 +727,8 @@ def user_data_ini(request: BootRequest, broker: str, workdir: FilePath[str]) -> 
         "passcode": request.credentials.passcode,
         "workdir": workdir.path,
     }
+    if request.credentials.beacon_interval is not None:
+        ini["agent"]["beacon_interval"] = f"{request.credentials.beacon_interval:g}"
     text = io.StringIO()
     ini.write(text)
     return text.getvalue().encode("utf-8")

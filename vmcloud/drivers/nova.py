@@ -233,6 +233,8 @@ def render_user_data(credentials: GuestCredentials) -> str:
             raise BadCloudRequest(
                 f"guest {key} cannot travel in user-data (empty, or whitespace/';'/'#' in it)"
             )
+    if credentials.beacon_interval is not None:
+        values["beacon_interval"] = f"{credentials.beacon_interval:g}"
     ini = configparser.ConfigParser(interpolation=None)
     ini["agent"] = values
     text = io.StringIO()

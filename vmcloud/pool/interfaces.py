@@ -24,6 +24,8 @@ class GuestCredentials:
     broker: str  # client endpoint description as the guest sees it, e.g. "tcp:10.0.0.1:61613"
     login: str
     passcode: str
+    #: How often the guest should say STILL_ALIVE (the pool's beacon interval); None: its default.
+    beacon_interval: float | None = None
 
 
 @attrs.frozen

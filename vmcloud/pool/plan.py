@@ -459,9 +459,18 @@ def _drop_batches(p: _Pass, remaining: dict[str, int]) -> None:
             and not remaining.get(batch.id)
             and p.count(VMState.READY, batch.id) <= 0
             and p.count(VMState.WAIT, batch.id) <= 0
-            and p.count(VMState.OCCUPIED, batch.id) <= 0
+            and not _held(p, batch.id)
         ):
             p.actions.append(DropBatch(batch.id))
+
+
+def _held(p: _Pass, batch: str) -> bool:
+    """Whether a handle still holds a VM of the batch (a cancelled batch stays until none does)."""
+    released = p.state.released()
+    for vmid in p.state.members(VMState.OCCUPIED, batch):
+        if vmid not in released and vmid not in p.dying and vmid not in p.let_go:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- the marks

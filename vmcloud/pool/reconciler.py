@@ -258,7 +258,9 @@ class Reconciler:
 
     def _carry_out(self, action: Action, vm: VM | None, now: float) -> None:
         if isinstance(action, Boot) and vm is not None:
-            credentials = self.channel.mint_credentials(vm.vmid)
+            credentials = attrs.evolve(
+                self.channel.mint_credentials(vm.vmid), beacon_interval=self.config.beacon_interval
+            )
             vm = self.state.put(attrs.evolve(vm, login=credentials.login, passcode=credentials.passcode))
             self._spawn(self._boot(vm, credentials), f"booting VM {vm.vmid}")
         elif isinstance(action, Delete):

@@ -227,7 +227,14 @@ class PoolService(Service):
             self._wake(token)
         self._reconciler.checkpoint()
         await self._store.flush()
-        log.info("Pool stopped; its VMs keep running and are recovered on the next start", event="stop")
+        if self.state.vms:
+            log.info(
+                "Pool stopped; its {count} VMs keep running and are recovered on the next start",
+                count=len(self.state.vms),
+                event="stop",
+            )
+        else:
+            log.info("Pool stopped with no VM", event="stop")
 
     def restore(self, data: Mapping[str, Any]) -> bool:
         """Take the pool from a checkpoint (before start); False when it cannot be read."""
