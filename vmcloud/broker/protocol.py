@@ -132,7 +132,7 @@ class StompServerProtocol(Protocol):
         self._timer: IDelayedCall | None = None  # CONNECT timeout, then the close timeout
         self._beat_call: IDelayedCall | None = None
         self._check_call: IDelayedCall | None = None
-        self._resume_call: IDelayedCall | None = None
+        self._process_pending = False  # queued in the factory's next batch of resumed readers
         #: encoded MESSAGE heads per subscription (see :meth:`deliver`)
         self._heads: dict[Subscription, object] = {}
 
@@ -193,7 +193,7 @@ class StompServerProtocol(Protocol):
     # -- frames
 
     def _process(self) -> None:
-        self._resume_call = None
+        self._process_pending = False
         inbox = self._inbox
         while inbox and not self._reading_paused:
             if self.state is not _State.AWAIT_CONNECT and self.state is not _State.CONNECTED:
@@ -571,8 +571,9 @@ class StompServerProtocol(Protocol):
             return
         self._reading_paused = False
         self.out.resumeProducing()
-        if self._inbox and self._resume_call is None:
-            self._resume_call = self.factory.clock.callLater(0, self._process)
+        if self._inbox and not self._process_pending:
+            self._process_pending = True
+            self.factory.process_soon(self)
 
     # -- IPushProducer: the transport tells us the peer is not reading
 
@@ -642,7 +643,7 @@ class StompServerProtocol(Protocol):
 
     def _cancel_timers(self) -> None:
         self._cancel_timer()
-        for name in ("_beat_call", "_check_call", "_resume_call"):
+        for name in ("_beat_call", "_check_call"):
             call: IDelayedCall | None = getattr(self, name)
             if call is not None and call.active():
                 call.cancel()
@@ -710,6 +711,27 @@ class StompServerFactory(Factory):
         self.session_ids = itertools.count(1)
         self.connections: set[StompServerProtocol] = set()
         self._by_identity: dict[str, set[StompServerProtocol]] = {}
+        self._to_process: list[StompServerProtocol] = []
+
+    def process_soon(self, protocol: StompServerProtocol) -> None:
+        """Have ``protocol`` handle the frames it holds on the next reactor turn.
+
+        Publishers are resumed in bursts (a queue falls below its low-water mark, a consumer
+        drains): one timed call for the whole burst instead of one each.
+        """
+        if not self._to_process:
+            self.clock.callLater(0, self._process_resumed)
+        self._to_process.append(protocol)
+
+    def _process_resumed(self) -> None:
+        protocols, self._to_process = self._to_process, []
+        for protocol in protocols:
+            try:
+                protocol._process()
+            except Exception:
+                log.failure(
+                    "Resuming {address} failed", address=protocol.address, event="broker-internal-error"
+                )
 
     def buildProtocol(self, addr: IAddress | None) -> StompServerProtocol:  # noqa: N802
         return StompServerProtocol(self)
