@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.broker.support import Client, make_broker
+from vmcloud.broker import BrokerLimits
 
 
 class BatchedResumeTests(SynchronousTestCase):
@@ -32,3 +34,17 @@ class BatchedResumeTests(SynchronousTestCase):
         self.assertEqual(delivered[:3], [b"0a", b"1a", b"2a"])  # sent before the consumer filled up
         self.assertEqual(sorted(delivered[3:]), [b"0b", b"1b", b"2b"])
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class TransportBufferTests(SynchronousTestCase):
+    def test_full_access_connections_get_the_larger_buffer_guests_keep_the_default(self) -> None:
+        class TCPLike(StringTransport):
+            bufferSize = 65536
+
+        broker = make_broker(anonymous_guests=True, limits=BrokerLimits(full_access_buffer_bytes=123_456))
+        controller = Client(broker, transport_class=TCPLike)
+        controller.connect()
+        guest = Client(broker, transport_class=TCPLike)
+        guest.connect(login="guest-1", passcode=None)
+        self.assertEqual(controller.transport.bufferSize, 123_456)  # type: ignore[attr-defined]
+        self.assertEqual(guest.transport.bufferSize, 65536)  # type: ignore[attr-defined]

@@ -20,7 +20,8 @@ class BrokerLimits:
 
     Memory bound, roughly: connections x (one read + one unfinished frame + open transactions)
     + stored messages (``max_stored_bytes``) + what slow topic consumers may hold
-    (``max_consumer_lag_bytes`` each).
+    (``max_consumer_lag_bytes`` each, plus ``full_access_buffer_bytes`` for the few
+    full-access connections).
     """
 
     #: Frame limits of the codec (header count, header line length, body size).
@@ -51,6 +52,12 @@ class BrokerLimits:
     #: slow; must exceed the largest body.  Publishers are paused long before, so only in-process
     #: publishers (the controller's broadcasts) or many publishers at once ever reach it.
     max_consumer_lag_bytes: int = 32 * MiB
+    #: Transport buffer of a full-access connection (the controller, operators): how much may wait
+    #: unsent before it counts as a congested consumer, and the most read from it at once.  Guests
+    #: keep Twisted's 64 KiB.  One reactor turn of fan-in from a thousand guests is a few MB
+    #: written to the controller's connection, which the kernel takes in one go; at 64 KiB that
+    #: counted as congestion and paused and resumed every guest in turn.
+    full_access_buffer_bytes: int = 4 * MiB
     #: Heart-beats offered in CONNECTED, ms: how often the broker can send, and wants to hear
     #: from the client.  The negotiated interval is never shorter than these.
     heartbeat_send_ms: int = 10_000

@@ -279,6 +279,8 @@ class StompServerProtocol(Protocol):
         self._cancel_timer()
         factory = self.factory
         self.peer = factory.realm.attach(self, f"{avatar.identity}@{self.address}")
+        if avatar.full_access and hasattr(self.out, "bufferSize"):  # a TCP transport
+            self.out.bufferSize = self.limits.full_access_buffer_bytes
         factory.logged_in(self, avatar)
         headers = {"version": self.version, "session": self.session_id, "server": factory.server}
         if self.version != "1.0":
