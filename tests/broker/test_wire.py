@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.broker.support import Client, make_broker
 from vmcloud.broker.protocol import _message_frame
 from vmcloud.broker.realm import AckMode, Message
+from vmcloud.stomp.frame import Frame
 
 text = st.text(st.sampled_from(list("ab:\\\n\r\u00e9 ")), max_size=8)
 
@@ -50,3 +51,16 @@ class PreEncodedMessageTests(SynchronousTestCase):
             client.protocol._write(_message_frame(subscription, message))
             self.assertEqual(fast, client.transport.value())
             self.assertEqual(written, len(fast))
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.sampled_from(["1.0", "1.1", "1.2"]), text)
+    def test_receipt_is_what_encoding_the_receipt_frame_writes(self, version: str, receipt: str) -> None:
+        broker = make_broker()
+        client = Client(broker)
+        client.connect(version=version)
+        client.transport.clear()
+        client.protocol._receipt(receipt)
+        fast = client.transport.value()
+        client.transport.clear()
+        client.protocol._write(Frame("RECEIPT", {"receipt-id": receipt}))
+        self.assertEqual(fast, client.transport.value())

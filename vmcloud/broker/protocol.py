@@ -133,6 +133,8 @@ class StompServerProtocol(Protocol):
         self._beat_call: IDelayedCall | None = None
         self._check_call: IDelayedCall | None = None
         self._process_pending = False  # queued in the factory's next batch of resumed readers
+        #: headers stamped on every message a guest sends: who it logged in as
+        self._stamp: Mapping[str, str] | None = None
         #: encoded MESSAGE heads per subscription (see :meth:`deliver`)
         self._heads: dict[Subscription, object] = {}
 
@@ -229,7 +231,18 @@ class StompServerProtocol(Protocol):
         handler(self, frame)
         receipt = frame.headers.get("receipt")
         if receipt is not None and self.state is _State.CONNECTED:
+            self._receipt(receipt)
+
+    def _receipt(self, receipt: str) -> None:
+        """Write RECEIPT for ``receipt``: the bytes ``encode`` would make, without the Frame."""
+        try:
+            data = b"RECEIPT\n" + header_lines({"receipt-id": receipt}, self.version) + b"\n\x00"
+        except ValueError:
             self._write(Frame("RECEIPT", {"receipt-id": receipt}))
+            return
+        if self._out_interval:
+            self._last_write = self.factory.clock.seconds()
+        self.out.write(data)
 
     def _connect(self, frame: Frame) -> None:
         headers = frame.headers
@@ -275,6 +288,8 @@ class StompServerProtocol(Protocol):
             return  # the connection went away meanwhile
         _interface, avatar, _logout = result
         self.avatar = avatar
+        if not avatar.full_access:
+            self._stamp = {"user-id": avatar.identity, LOGIN_HEADER: avatar.identity}
         self.state = _State.CONNECTED
         self._cancel_timer()
         factory = self.factory
@@ -331,12 +346,8 @@ class StompServerProtocol(Protocol):
     def _publish(self, frame: Frame) -> None:
         assert self.avatar is not None and self.peer is not None
         headers = frame.headers
-        stamp = None
-        if not self.avatar.full_access:
-            identity = self.avatar.identity
-            stamp = {"user-id": identity, LOGIN_HEADER: identity}
         try:
-            self.factory.realm.send(self.peer, headers["destination"], headers, frame.body, stamp)
+            self.factory.realm.send(self.peer, headers["destination"], headers, frame.body, self._stamp)
         except RealmError as e:
             raise ProtocolError(str(e)) from None
 
@@ -413,7 +424,7 @@ class StompServerProtocol(Protocol):
         self._transactions.clear()
         receipt = frame.headers.get("receipt")
         if receipt is not None:
-            self._write(Frame("RECEIPT", {"receipt-id": receipt}))
+            self._receipt(receipt)
         self._close()
 
     # -- helpers for commands

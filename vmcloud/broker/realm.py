@@ -327,7 +327,9 @@ class Realm:
         ``stamp``: headers the broker sets over the publisher's (who the publisher is), as if
         ``{**headers, **stamp}`` had been sent.
         """
-        user = {k: v for k, v in headers.items() if k not in RESERVED_HEADERS}
+        user = dict(headers)
+        for name in RESERVED_HEADERS.intersection(headers):
+            del user[name]
         if stamp:
             user.update(stamp)
         size = len(body) + _MESSAGE_OVERHEAD + sum(map(len, user)) + sum(map(len, user.values()))
