@@ -17,8 +17,10 @@ pool and the store are wrapped (timing only, each wrapper calls the original):
   size;
 * ``PoolService.all_status``: what the bench's own polling costs the reactor;
 
-and a 10 ms timer measures the reactor's lag (how late it fires), separately while a checkpoint
-write is in flight on the store's thread.
+Python's cyclic garbage collections are timed by generation (``gc.callbacks``), and a 10 ms timer
+measures the reactor's lag (how late it fires): ``lag_gc`` when a generation 1 or 2 collection
+ran since the previous sample, else ``lag_ckpt`` when a checkpoint write was in flight on the
+store's thread, else ``lag``.
 
 The bench names the current phase in ``PROBE_DIR/phase``; once a second the probe reads it and
 writes ``PROBE_DIR/probe.json``: per phase and per probe, count, sums, maximum and (for phases
@@ -104,6 +106,9 @@ class Probe:
         self.current: dict[str, Tally] = {}
         self.done: dict[str, dict[str, Any]] = {}
         self.writing = 0  # checkpoint writes in flight on the store thread
+        self.writes_seen = 0  # writes started or ended (so a write between two lag samples counts)
+        self.full_collections = 0  # gc generation 1 and 2 collections ended
+        self._lag_marks = (0, 0)
         self.store: Any = None
         self.profile_phases = {p for p in os.environ.get(PROFILE_ENV, "").split(",") if p}
         self.profiler: cProfile.Profile | None = None
@@ -152,7 +157,14 @@ class Probe:
     def _lag(self) -> None:
         now = time.perf_counter()
         lag = max(0.0, now - self._next_lag)
-        self.add("lag_ckpt" if self.writing else "lag", 0.0, lag)
+        marks = (self.writes_seen, self.full_collections)
+        if marks[1] != self._lag_marks[1]:
+            self.add("lag_gc", 0.0, lag)  # a gen 1/2 garbage collection ran since the last sample
+        elif self.writing or marks[0] != self._lag_marks[0]:
+            self.add("lag_ckpt", 0.0, lag)
+        else:
+            self.add("lag", 0.0, lag)
+        self._lag_marks = marks
         self._next_lag = now + LAG_INTERVAL
         self.clock.callLater(LAG_INTERVAL, self._lag)
 
@@ -322,15 +334,32 @@ def install(probe: Probe) -> None:
 
     Reconciler.start = start  # type: ignore[method-assign]
 
+    import gc
+
+    collecting: list[tuple[float, float]] = []
+
+    def collection(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            collecting.append((time.thread_time(), time.perf_counter()))
+        elif collecting:
+            cpu, wall = collecting.pop()
+            probe.add(f"gc{info['generation']}", time.thread_time() - cpu, time.perf_counter() - wall)
+            if info["generation"] > 0:
+                probe.full_collections += 1
+
+    gc.callbacks.append(collection)
+
     original_write = CheckpointStore._write
 
     def write(self: CheckpointStore, snapshot: Any, written: float) -> Any:
         probe.writing += 1
+        probe.writes_seen += 1
         cpu, wall = time.thread_time(), time.perf_counter()
         try:
             result = original_write(self, snapshot, written)
         finally:
             probe.writing -= 1
+            probe.writes_seen += 1
         probe.add("ckpt_write", time.thread_time() - cpu, time.perf_counter() - wall, result.size)
         probe.add("ckpt_encode", 0.0, result.encode_seconds)
         return result

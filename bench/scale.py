@@ -497,6 +497,12 @@ def probe_line(data: dict[str, Any], name: str, label: str) -> None:
         print(f"  {label}: none")
         return
     count = tally["count"]
+    if name.startswith("lag"):
+        print(
+            f"  {label}: {count} samples, p50 {tally['p50_wall_ms']:.2f} ms,"
+            f" p99 {tally['p99_wall_ms']:.2f} ms, max {tally['max_wall_ms']:.2f} ms"
+        )
+        return
     print(
         f"  {label}: {count} calls, CPU mean {tally['cpu_ms'] / count:.2f} ms"
         f" p50 {tally.get('p50_cpu_ms', float('nan')):.2f} p99 {tally.get('p99_cpu_ms', float('nan')):.2f}"
@@ -680,8 +686,10 @@ def run(args: argparse.Namespace, procs: Processes, workdir: Path) -> None:
     probe_line(fill_probe, "observe", "server listing taken in")
     probe_line(fill_probe, "snapshot", "checkpoint, reactor side (snapshot)")
     probe_line(fill_probe, "ckpt_write", "checkpoint, store thread (encode+write+fsync)")
+    probe_line(fill_probe, "gc2", "full garbage collections (gc gen 2)")
     probe_line(fill_probe, "lag", "reactor lag, no checkpoint writing")
     probe_line(fill_probe, "lag_ckpt", "reactor lag, checkpoint writing")
+    probe_line(fill_probe, "lag_gc", "reactor lag, a gen 1/2 collection in between")
 
     # ---- steady
     http("DELETE", sim["base_url"] + "/_sim/counters")
@@ -719,7 +727,9 @@ def run(args: argparse.Namespace, procs: Processes, workdir: Path) -> None:
     probe_line(steady_probe, "tick", "tick (pass + guests copy)")
     probe_line(steady_probe, "observe", "server listing taken in")
     probe_line(steady_probe, "all_status", "GET /all-status (the bench's own polling)")
+    probe_line(steady_probe, "gc2", "full garbage collections (gc gen 2)")
     probe_line(steady_probe, "lag", "reactor lag")
+    probe_line(steady_probe, "lag_gc", "reactor lag, a gen 1/2 collection in between")
     print_rates("steady", steady_counters, steady_wall)
     c, per, gaps = chains(steady_pages)
     polls = steady_wall / args.poll_interval
@@ -771,6 +781,8 @@ def run(args: argparse.Namespace, procs: Processes, workdir: Path) -> None:
         probe_line(batch_probe, "ckpt_encode", "checkpoint, store thread, encoding alone")
         probe_line(batch_probe, "lag", "reactor lag, no checkpoint writing")
         probe_line(batch_probe, "lag_ckpt", "reactor lag, checkpoint writing")
+        probe_line(batch_probe, "lag_gc", "reactor lag, a gen 1/2 collection in between")
+        probe_line(batch_probe, "gc2", "full garbage collections (gc gen 2)")
     checkpoint = workdir / "state" / "checkpoint.json"
     checkpoint_size = checkpoint.stat().st_size if checkpoint.exists() else 0
 
@@ -869,11 +881,13 @@ def run(args: argparse.Namespace, procs: Processes, workdir: Path) -> None:
                 f" vs {lag_n['p99_wall_ms']:.1f} ms"
                 f" otherwise (max {lag_w['max_wall_ms']:.1f} / {lag_n['max_wall_ms']:.1f})"
             )
-        off_path = on_reactor <= TARGET_PASS_MS and lag_w.get("p99_wall_ms", 0.0) <= TARGET_PASS_MS
+        # Off the critical path: the reactor's own share is small, and the reactor is no later while
+        # the store thread writes than otherwise (GC pauses and bursts make both noisy).
+        lag_budget = max(TARGET_PASS_MS, lag_n.get("p99_wall_ms", 0.0) + 5.0)
+        off_path = on_reactor <= TARGET_PASS_MS and lag_w.get("p99_wall_ms", 0.0) <= lag_budget
         print(
             f"    off the reactor's critical path: snapshot on the reactor max {on_reactor:.1f} ms CPU"
-            f"{lag_text}"
-            f" (<= {TARGET_PASS_MS:.0f} ms): {verdict(off_path)}"
+            f" (<= {TARGET_PASS_MS:.0f} ms){lag_text} (no worse while writing): {verdict(off_path)}"
         )
     else:
         print(f"  checkpoint: {checkpoint_size / 1024:.0f} KiB (write times need the probe)")
