@@ -67,10 +67,10 @@ def read_announcement(frame: Frame) -> Announcement:
     return Announcement(identity, login, ip, mac, version, capabilities)
 
 
-class Hello:
-    """A guest connected (or reconnected) and is ready for requests."""
+class _Presence:
+    """What the three presence words share: they all say who the guest is, the same way."""
 
-    name: ClassVar[str] = "HELLO"
+    name: ClassVar[str]
 
     @classmethod
     def how_to_say(
@@ -83,48 +83,30 @@ class Hello:
         capabilities: Iterable[str] = (),
     ) -> Said:
         return _presence(cls.name, identity, ip, mac, agent_version, capabilities)
+
+
+class Hello(_Presence):
+    """A guest connected (or reconnected) and is ready for requests."""
+
+    name: ClassVar[str] = "HELLO"
 
     async def listen_and_act(self, frame: Frame, context: IControllerContext) -> None:
         context.heard_hello(read_announcement(frame))
 
 
-class Bye:
+class Bye(_Presence):
     """A guest is stopping cleanly: the controller need not wait for its beacons to stop."""
 
     name: ClassVar[str] = "BYE"
-
-    @classmethod
-    def how_to_say(
-        cls,
-        *,
-        identity: str,
-        ip: str | None,
-        mac: str | None,
-        agent_version: str,
-        capabilities: Iterable[str] = (),
-    ) -> Said:
-        return _presence(cls.name, identity, ip, mac, agent_version, capabilities)
 
     async def listen_and_act(self, frame: Frame, context: IControllerContext) -> None:
         context.heard_bye(read_announcement(frame))
 
 
-class StillAlive:
+class StillAlive(_Presence):
     """The beacon, said every beacon interval; silence past the beacon timeout means gone."""
 
     name: ClassVar[str] = "STILL_ALIVE"
-
-    @classmethod
-    def how_to_say(
-        cls,
-        *,
-        identity: str,
-        ip: str | None,
-        mac: str | None,
-        agent_version: str,
-        capabilities: Iterable[str] = (),
-    ) -> Said:
-        return _presence(cls.name, identity, ip, mac, agent_version, capabilities)
 
     async def listen_and_act(self, frame: Frame, context: IControllerContext) -> None:
         context.heard_beacon(read_announcement(frame))
