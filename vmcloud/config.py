@@ -27,6 +27,7 @@ class ApiConfig:
     token: str = ""
     cors_origins: tuple[str, ...] = ("*",)
     static_dir: str = ""  # empty: the static/ folder shipped with vmcloud
+    access_log: str = "access.log"  # relative to the state dir; "-": the daemon's log; "none": off
     long_poll_default: float = 5.0
 
 
