@@ -19,8 +19,9 @@ pool and the store are wrapped (timing only, each wrapper calls the original):
 
 Python's cyclic garbage collections are timed by generation (``gc.callbacks``), and a 10 ms timer
 measures the reactor's lag (how late it fires): ``lag_gc`` when a generation 1 or 2 collection
-ran since the previous sample, else ``lag_ckpt`` when a checkpoint write was in flight on the
-store's thread, else ``lag``.
+ran since the previous sample, else ``lag_busy`` when one of the timed reactor calls above took
+more than 10 ms, else ``lag_ckpt`` when a checkpoint write was in flight on the store's thread,
+else ``lag``.
 
 The bench names the current phase in ``PROBE_DIR/phase``; once a second the probe reads it and
 writes ``PROBE_DIR/probe.json``: per phase and per probe, count, sums, maximum and (for phases
@@ -53,6 +54,8 @@ TRACEMALLOC_ENV = "VMCLOUD_BENCH_TRACEMALLOC"
 SWITCH_ENV = "VMCLOUD_BENCH_SWITCH_INTERVAL"
 MEMORY_ENV = "VMCLOUD_BENCH_MEMORY"
 LAG_INTERVAL = 0.01
+LONG_CALL = 0.01
+REACTOR_CALLS = frozenset({"pass", "tick", "observe", "snapshot", "all_status"})
 MAX_SAMPLES = 50_000
 
 
@@ -108,7 +111,8 @@ class Probe:
         self.writing = 0  # checkpoint writes in flight on the store thread
         self.writes_seen = 0  # writes started or ended (so a write between two lag samples counts)
         self.full_collections = 0  # gc generation 1 and 2 collections ended
-        self._lag_marks = (0, 0)
+        self.long_calls = 0  # timed reactor calls (pass, tick, listing, all-status) longer than 10 ms
+        self._lag_marks = (0, 0, 0)
         self.store: Any = None
         self.profile_phases = {p for p in os.environ.get(PROFILE_ENV, "").split(",") if p}
         self.profiler: cProfile.Profile | None = None
@@ -126,6 +130,8 @@ class Probe:
             if tally is None:
                 tally = self.current[name] = Tally()
             tally.add(cpu, wall, size)
+            if wall > LONG_CALL and name in REACTOR_CALLS:
+                self.long_calls += 1
 
     def timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -157,9 +163,11 @@ class Probe:
     def _lag(self) -> None:
         now = time.perf_counter()
         lag = max(0.0, now - self._next_lag)
-        marks = (self.writes_seen, self.full_collections)
+        marks = (self.writes_seen, self.full_collections, self.long_calls)
         if marks[1] != self._lag_marks[1]:
             self.add("lag_gc", 0.0, lag)  # a gen 1/2 garbage collection ran since the last sample
+        elif marks[2] != self._lag_marks[2]:
+            self.add("lag_busy", 0.0, lag)  # the reactor itself ran a long pass, listing, all-status
         elif self.writing or marks[0] != self._lag_marks[0]:
             self.add("lag_ckpt", 0.0, lag)
         else:

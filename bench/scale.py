@@ -690,6 +690,7 @@ def run(args: argparse.Namespace, procs: Processes, workdir: Path) -> None:
     probe_line(fill_probe, "lag", "reactor lag, no checkpoint writing")
     probe_line(fill_probe, "lag_ckpt", "reactor lag, checkpoint writing")
     probe_line(fill_probe, "lag_gc", "reactor lag, a gen 1/2 collection in between")
+    probe_line(fill_probe, "lag_busy", "reactor lag, a reactor call > 10 ms in between")
 
     # ---- steady
     http("DELETE", sim["base_url"] + "/_sim/counters")
@@ -730,6 +731,7 @@ def run(args: argparse.Namespace, procs: Processes, workdir: Path) -> None:
     probe_line(steady_probe, "gc2", "full garbage collections (gc gen 2)")
     probe_line(steady_probe, "lag", "reactor lag")
     probe_line(steady_probe, "lag_gc", "reactor lag, a gen 1/2 collection in between")
+    probe_line(steady_probe, "lag_busy", "reactor lag, a reactor call > 10 ms in between")
     print_rates("steady", steady_counters, steady_wall)
     c, per, gaps = chains(steady_pages)
     polls = steady_wall / args.poll_interval
@@ -782,6 +784,7 @@ def run(args: argparse.Namespace, procs: Processes, workdir: Path) -> None:
         probe_line(batch_probe, "lag", "reactor lag, no checkpoint writing")
         probe_line(batch_probe, "lag_ckpt", "reactor lag, checkpoint writing")
         probe_line(batch_probe, "lag_gc", "reactor lag, a gen 1/2 collection in between")
+        probe_line(batch_probe, "lag_busy", "reactor lag, a reactor call > 10 ms in between")
         probe_line(batch_probe, "gc2", "full garbage collections (gc gen 2)")
     checkpoint = workdir / "state" / "checkpoint.json"
     checkpoint_size = checkpoint.stat().st_size if checkpoint.exists() else 0
@@ -855,6 +858,10 @@ def run(args: argparse.Namespace, procs: Processes, workdir: Path) -> None:
         print(
             f"  reconcile pass: last {last} ms wall (/all-status) (<= {TARGET_PASS_MS:.0f} ms):"
             f" {verdict(last <= TARGET_PASS_MS)}"
+        )
+        slowest = status["reconciler"]["slowestPassMs"]
+        print(
+            f"    slowest pass since start (fill included): {slowest} ms:", verdict(slowest <= TARGET_PASS_MS)
         )
     write = batch_probe.get("ckpt_write", {})
     if write.get("count"):
