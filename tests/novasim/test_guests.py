@@ -15,7 +15,8 @@ from vmcloud.novasim.model import ServerView
 SCRIPT = (
     "import os, sys, time\n"
     "data = open(sys.argv[1]).read()\n"
-    "open(sys.argv[2], 'w').write(os.environ['NOVASIM_MAC'] + ' ' + sys.argv[3] + ' ' + data)\n"
+    "open(sys.argv[2] + '.tmp', 'w').write(os.environ['NOVASIM_MAC'] + ' ' + sys.argv[3] + ' ' + data)\n"
+    "os.rename(sys.argv[2] + '.tmp', sys.argv[2])\n"
     "time.sleep(60)\n"
 )
 
@@ -45,14 +46,14 @@ class GuestProcessTests(TestCase):
         self.addCleanup(guests.stop_all)
         guests.on_active(view("s1"))
         self.assertEqual(guests.running(), {"s1"})
-        for _ in range(200):
-            if os.path.exists(seen) and os.path.getsize(seen):
+        for _ in range(600):  # a loaded machine can take seconds to start a Python
+            if os.path.exists(seen):
                 break
             await deferLater(reactor, 0.05)
         with open(seen) as f:
             self.assertEqual(f.read(), "fa:16:3e:00:00:01 10.0.0.2 [agent]\nlogin = vm-1\n")
         guests.on_deleted(view("s1"))
-        for _ in range(200):
+        for _ in range(600):
             if not guests.running():
                 break
             await deferLater(reactor, 0.05)
