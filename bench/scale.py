@@ -19,13 +19,18 @@ What runs (every process on 127.0.0.1, free ports, a temporary directory):
   STILL_ALIVE every beacon interval, PREPARE/CLEANUP answered ok, frames built by vmcloud.words.
 
 Phases: idle daemon (RSS at 0 VMs); fill (``POST /set-pool-size/N/N/60000``, until N FREE);
-steady (a quiet window at N FREE: reconcile passes, checkpoints, list chains, Nova requests,
-RSS); batch (``prepare-batch`` of N/10 VMs: PREPAREs, then ``cancel-batch``: CLEANUPs); teardown
-(``POST /shutdown`` until the pool and the cloud are empty, then SIGTERM).
+steady (a quiet window at N FREE: reconcile passes, list chains, Nova requests, RSS, GC pauses,
+reactor lag); batch (``prepare-batch`` of N/10 VMs: PREPAREs, then ``cancel-batch``: CLEANUPs);
+checkpoints (a 1-VM batch prepared and cancelled a few times: lone writes of the whole pool, and
+the reactor's lag while they are in flight); teardown (``POST /shutdown`` until the pool and the
+cloud are empty, then SIGTERM).
 
 Targets: a reconcile pass <= 20 ms, checkpoint write <= 100 ms and off the reactor's critical
-path, <= 10 KB RSS per VM, one server-list chain per poll interval.  ``--cprofile`` profiles the
-daemon's reactor thread per phase (cProfile, through the probe) and prints where the time goes.
+path, <= 10 KB RSS per VM, one server-list chain per poll interval.  When one is missed, look
+closer: ``--cprofile fill,teardown`` (cProfile of the reactor thread per phase, through the
+probe), ``--py-spy steady`` (py-spy ``--gil``: which thread holds the GIL, doing what),
+``--memory`` (census of live objects by type and of the allocators at idle and steady),
+``--timeout-cloud S`` / ``--switch-interval S`` (experiments), ``--keep`` (logs, checkpoint).
 Figures on a shared 2-core machine are noisy: run it twice.
 """
 
