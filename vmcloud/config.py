@@ -60,6 +60,7 @@ class PoolSettings:
     events_per_handle: int = 1000
     cloud_threads: int = 4
     quota_retry: float = 60.0
+    max_boots_in_flight: int = 16
 
 
 @attrs.frozen

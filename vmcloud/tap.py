@@ -280,6 +280,7 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
             poll_interval=config.pool.poll_interval,
             events_per_handle=config.pool.events_per_handle,
             quota_retry=config.pool.quota_retry,
+            max_boots_in_flight=config.pool.max_boots_in_flight,
             long_poll_default=config.api.long_poll_default,
         ),
     )

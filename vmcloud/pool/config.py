@@ -52,6 +52,8 @@ class PoolConfig:
     quota_retry: float = attrs.field(default=60.0, validator=_positive)
     #: Shortest pause between two checkpoints: a burst of changes makes one snapshot, not hundreds.
     checkpoint_interval: float = attrs.field(default=0.05, validator=_non_negative)
+    #: Boot requests in flight to the cloud at once (VMs in CREATING); the rest wait for a later pass.
+    max_boots_in_flight: int = attrs.field(default=16, validator=_positive_count)
     #: Unassigned handles waiting for a VM, over all batches; a lock beyond is refused.
     max_pending_locks: int = attrs.field(default=10_000, validator=_count)
     #: Pool size before any set-pool-size call (the cap when None) and linger in milliseconds.

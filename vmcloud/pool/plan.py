@@ -406,10 +406,13 @@ def _grow(
         # a probe proves itself when the cloud accepts it, or, after VMs died before HELLO, at HELLO
         unproven = creating + (booting if state.cloud.boot_failures else 0)
         boots = min(boots, max(0, 1 - unproven))
-    for i in range(max(boots, 0)):
-        p.actions.append(Boot(state.vmid_for(state.next_vmid + i)))
     boots = max(boots, 0)
-    p.alive += boots
+    # Boots wait for a cloud thread, and the cloud-call timeout runs from the moment they are
+    # asked for: at most so many at once, or a big fill times out its own queue (and re-boots it).
+    started = min(boots, max(0, config.max_boots_in_flight - creating))
+    for i in range(started):
+        p.actions.append(Boot(state.vmid_for(state.next_vmid + i)))
+    p.alive += started
     short = (locks_queued - served) - coming - boots
     if short <= 0:
         return
