@@ -41,11 +41,13 @@ class KeepAlive:
     def close(self) -> None:
         self._sock.close()
 
-    def encode(self, method: str, path: str) -> bytes:
+    def encode(self, method: str, path: str, *, json: bool = False) -> bytes:
         """The bytes of a bodiless request (build once, send many times with :meth:`send`)."""
+        accept = b"Accept: application/json\r\n" if json else b""
         return (
             f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n".encode()
             + self._auth
+            + accept
             + b"\r\n"
         )
 

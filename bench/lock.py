@@ -18,8 +18,9 @@ keep-alive connections on 127.0.0.1:
   (a precomputed 25 KB body: as fast within noise), each in one block of back-to-back requests;
   then ``last-event-id`` again, interleaved with the locks under the same conditions as they are
   (after the same random pause and the same warm-up requests);
-* lock → assigned: ``POST /lock/<batch>``, then ``GET /handle-status/<handle>`` until it says
-  assigned; the latency runs from sending the lock to reading ``"assigned": true``.  After each
+* lock → assigned: ``POST /lock/<batch>`` with ``Accept: application/json`` (whose answer says
+  whether a VM was assigned at once), then ``GET /handle-status/<handle>`` until it says assigned
+  when it was not; the latency runs from sending the lock to reading ``"assigned": true``.  After each
   lock the handle is released and the bench waits until the VM is READY again (cleanup and prepare
   go through its guest), then a random pause of up to ``--pause`` ms, so that every measured lock
   hits a warm READY VM at a random moment of the daemon's background work (ticks, beacons,
@@ -346,7 +347,7 @@ def measure_locks(
     count: int,
 ) -> LockFigures:
     figures = LockFigures()
-    lock_raw = client.encode("POST", f"/lock/{batch}")
+    lock_raw = client.encode("POST", f"/lock/{batch}", json=True)
     clock = time.perf_counter
     for i in range(count):
         time.sleep(random.uniform(0, sizes.pause_ms) / 1000.0)
@@ -363,21 +364,23 @@ def measure_locks(
         t_lock = clock()
         if status != 200:
             raise HttpError(f"lock {i}: {status} {body[:200]!r}")
-        status_raw = client.encode("GET", f"/handle-status/{body.decode('ascii')}")
+        lock_answer = json.loads(body)
+        handle = lock_answer["handle"]
+        status_raw = client.encode("GET", f"/handle-status/{handle}")
         polls = 0
-        while True:
+        while not lock_answer["assigned"]:
             status, answer = client.send(status_raw)
             polls += 1
             if status != 200:
                 raise HttpError(f"handle-status {i}: {status} {answer[:200]!r}")
             if b'"assigned":true' in answer:
-                break
+                lock_answer["assigned"] = True
         sample = probe.stop(started)
         figures.assigned.append(sample)
         figures.lock_rtt.append((t_lock - started[2]) * 1000.0)
         figures.status_rtt.append(sample.ms - figures.lock_rtt[-1])
         figures.polls.append(polls)
-        admin.call("POST", f"/release/{body.decode('ascii')}", 204)
+        admin.call("POST", f"/release/{handle}", 204)
         figures.cycle.append(
             admin.wait(
                 "the released VM to be READY again",

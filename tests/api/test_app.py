@@ -96,8 +96,14 @@ class SuccessAnswerTests(ApiTestCase):
             (200, HANDLE.encode(), "text/plain; charset=utf-8"),
         )
         as_json = self.call("POST", "/lock/b1", headers={"Accept": "text/html, application/json;q=0.9"})
-        self.assertEqual(as_json.json(), {"handle": HANDLE})
-        self.assertEqual(self.pool.calls, [("lock", ("b1",)), ("lock", ("b1",))])
+        status = self.pool.handle_status(HANDLE)
+        expected = {"handle": HANDLE, "assigned": bool(status["assigned"])}
+        if status["assigned"]:
+            expected["vmid"] = status["vmid"]
+        self.assertEqual(as_json.json(), expected)
+        self.assertEqual(
+            [c for c in self.pool.calls if c[0] == "lock"], [("lock", ("b1",)), ("lock", ("b1",))]
+        )
 
     def test_release(self) -> None:
         answer = self.call("POST", f"/release/{HANDLE}")

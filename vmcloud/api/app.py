@@ -154,7 +154,16 @@ class RestApi:
         return _id_answer(request, "batch", batch)
 
     async def lock(self, request: IRequest, params: Params) -> bytes:
-        return _id_answer(request, "handle", self._pool.lock(params["batch"]))
+        handle = self._pool.lock(params["batch"])
+        if not wants_json(request.getHeader(b"accept")):
+            return _id_answer(request, "handle", handle)
+        # With JSON the answer also says whether a READY VM was assigned at once, which saves the
+        # application a handle-status round trip in the common case of a warm pool.
+        status = self._pool.handle_status(handle)
+        answer: dict[str, Any] = {"handle": handle, "assigned": bool(status.get("assigned"))}
+        if answer["assigned"]:
+            answer["vmid"] = status.get("vmid")
+        return _json(request, answer)
 
     async def cancel_batch(self, request: IRequest, params: Params) -> bytes:
         self._pool.cancel_batch(params["batch"])

@@ -68,6 +68,19 @@ def _id_answer(key: str, schema: dict[str, Any], description: str) -> dict[str, 
     }
 
 
+def _lock_answer() -> dict[str, Any]:
+    answer = _id_answer("handle", {"type": "string"}, "The new VM handle.")
+    answer["description"] += " The JSON form also says whether a VM was assigned at once (and which)."
+    schema = answer["content"][JSON]["schema"]
+    schema["required"] = ["handle", "assigned"]
+    schema["properties"] = {
+        "handle": {"type": "string"},
+        "assigned": {"type": "boolean"},
+        "vmid": {"type": "string"},
+    }
+    return answer
+
+
 def _json_answer(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {JSON: {"schema": schema}}}
 
@@ -149,7 +162,7 @@ def openapi_document() -> dict[str, Any]:
                 "post": _operation(
                     "Lock a VM of the batch; the handle may wait unassigned until a VM is READY.",
                     {
-                        "200": _id_answer("handle", {"type": "string"}, "The new VM handle."),
+                        "200": _lock_answer(),
                         **_errors("401", "404", "409", "500"),
                     },
                     admin=True,
