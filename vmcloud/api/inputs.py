@@ -13,17 +13,17 @@ import math
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from vmcloud.api.errors import bad_request
 from vmcloud.pool.interfaces import BatchOptions, Cookie
+from vmcloud.pool.service import check_homepage
 
 # 15 digits: beyond every pool size and every millisecond delay anyone means (~31 000 years).
 _COUNT = re.compile(r"[0-9]{1,15}")
 _SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
 
 MAX_BODY_BYTES = 64 * 1024
-MAX_HOMEPAGE_CHARS = 4096
 MAX_COOKIES = 100
 MAX_COOKIE_CHARS = 4096
 WINDOW_RANGE = (100, 8192)
@@ -75,23 +75,6 @@ def homepage_segment(raw_path: bytes, position: int) -> str:
     except UnicodeDecodeError:
         raise bad_request("homepage is not valid UTF-8 once decoded") from None
     return check_homepage(homepage)
-
-
-def check_homepage(homepage: str) -> str:
-    """Only absolute http(s) URLs a browser can open; everything else is refused here, early."""
-    if len(homepage) > MAX_HOMEPAGE_CHARS:
-        raise bad_request(f"homepage is longer than {MAX_HOMEPAGE_CHARS} characters")
-    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in homepage):
-        raise bad_request("homepage contains whitespace or control characters")
-    try:
-        parts = urlsplit(homepage)
-    except ValueError as e:
-        raise bad_request(f"homepage is not a URL: {e}") from None
-    if parts.scheme.lower() not in ("http", "https"):
-        raise bad_request(f"homepage must be an http or https URL, got scheme {_shown(parts.scheme)}")
-    if not parts.hostname:
-        raise bad_request("homepage has no host")
-    return homepage
 
 
 def parse_batch_options(body: bytes) -> BatchOptions:

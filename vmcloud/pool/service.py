@@ -62,8 +62,8 @@ log = Logger()
 
 #: Longest linger and handle expiry accepted, in milliseconds (a year).
 MAX_MS = 365 * 24 * 3600 * 1000
-#: Longest home page accepted (what the PREPARE word carries).
-MAX_URL = 8192
+#: Longest home page accepted.
+MAX_URL = 4096
 MAX_COOKIES = 200
 MAX_COOKIE_FIELD = 4096
 WINDOW_RANGE = (64, 16384)
@@ -91,11 +91,12 @@ def _count(value: object, name: str, maximum: int | None = None) -> int:
 
 
 def check_homepage(homepage: object) -> str:
+    """Only absolute http(s) URLs a browser can open; the API calls this too, before any work."""
     if not isinstance(homepage, str) or not homepage:
         raise InvalidRequest("homepage must be a URL")
     if len(homepage) > MAX_URL:
         raise InvalidRequest(f"homepage is longer than {MAX_URL} characters")
-    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in homepage):
+    if any(c.isspace() or ord(c) < 0x21 or ord(c) == 0x7F for c in homepage):
         raise InvalidRequest("homepage must not contain spaces or control characters")
     try:
         parts = urlsplit(homepage)
@@ -103,7 +104,7 @@ def check_homepage(homepage: object) -> str:
         raise InvalidRequest(f"homepage is not a URL: {e}") from None
     if parts.scheme.lower() not in ("http", "https"):
         raise InvalidRequest(f"homepage must be an http or https URL, not {parts.scheme or 'scheme-less'}")
-    if not parts.netloc:
+    if not parts.hostname:
         raise InvalidRequest("homepage has no host")
     return homepage
 
