@@ -19,8 +19,7 @@ from vmcloud.words.contexts import (
     IAgentContext,
     IControllerContext,
     PrepareRequest,
-    failure_reason,
-    say_answer,
+    act_and_answer,
 )
 from vmcloud.words.destinations import CONTROLLER
 from vmcloud.words.grammar import (
@@ -180,14 +179,15 @@ class Prepare:
         if not context.addressed_to_me(frame.get(TO)):
             return
         request = self.read(frame)
-        try:
-            value = await context.prepare(request)
-        except Exception as e:
-            reason = failure_reason(e, f"PREPARE {request.cmd_id}")
-            said = PrepareResults.how_to_say(cmd_id=request.cmd_id, identity=context.identity(), error=reason)
-        else:
-            said = PrepareResults.how_to_say(cmd_id=request.cmd_id, identity=context.identity(), value=value)
-        say_answer(frame, context, said)
+        await act_and_answer(
+            frame,
+            context,
+            "PREPARE",
+            request.cmd_id,
+            lambda: context.prepare(request),
+            PrepareResults.how_to_say,
+            "value",
+        )
 
 
 class Cleanup:
@@ -210,14 +210,15 @@ class Cleanup:
         if not context.addressed_to_me(frame.get(TO)):
             return
         cmd_id = cmd_id_of(frame)
-        try:
-            value = await context.cleanup(cmd_id)
-        except Exception as e:
-            reason = failure_reason(e, f"CLEANUP {cmd_id}")
-            said = CleanupResults.how_to_say(cmd_id=cmd_id, identity=context.identity(), error=reason)
-        else:
-            said = CleanupResults.how_to_say(cmd_id=cmd_id, identity=context.identity(), value=value)
-        say_answer(frame, context, said)
+        await act_and_answer(
+            frame,
+            context,
+            "CLEANUP",
+            cmd_id,
+            lambda: context.cleanup(cmd_id),
+            CleanupResults.how_to_say,
+            "value",
+        )
 
 
 class PageLoad:

@@ -24,8 +24,7 @@ from vmcloud.words.contexts import (
     CommandRequest,
     IAgentContext,
     IControllerContext,
-    failure_reason,
-    say_answer,
+    act_and_answer,
 )
 from vmcloud.words.destinations import CONTROLLER
 from vmcloud.words.grammar import (
@@ -135,14 +134,15 @@ class CmdRun:
             args=list(request.args),
             event="cmd-run",
         )
-        try:
-            outcome = await context.run_command(request)
-        except Exception as e:
-            reason = failure_reason(e, f"CMD_RUN {request.cmd_id}")
-            said = CmdResults.how_to_say(cmd_id=request.cmd_id, identity=context.identity(), error=reason)
-        else:
-            said = CmdResults.how_to_say(cmd_id=request.cmd_id, identity=context.identity(), outcome=outcome)
-        say_answer(frame, context, said)
+        await act_and_answer(
+            frame,
+            context,
+            "CMD_RUN",
+            request.cmd_id,
+            lambda: context.run_command(request),
+            CmdResults.how_to_say,
+            "outcome",
+        )
 
 
 class CmdResults:

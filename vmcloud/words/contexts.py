@@ -8,7 +8,7 @@ only, so each side can be tested with a recording fake.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -182,3 +182,22 @@ def say_answer(frame: Frame, context: IAgentContext, said: Said) -> None:
     destination = context.answer_destination(frame)
     if destination is not None:
         context.say(attrs.evolve(said, destination=destination))
+
+
+async def act_and_answer(
+    frame: Frame,
+    context: IAgentContext,
+    what: str,
+    cmd_id: str,
+    action: Callable[[], Awaitable[Any]],
+    answer: Callable[..., Said],
+    result: str,
+) -> None:
+    """Carry out a request and say its answer word: ``result=<the value>``, or the reason it failed."""
+    try:
+        value = await action()
+    except Exception as e:
+        said = answer(cmd_id=cmd_id, identity=context.identity(), error=failure_reason(e, f"{what} {cmd_id}"))
+    else:
+        said = answer(cmd_id=cmd_id, identity=context.identity(), **{result: value})
+    say_answer(frame, context, said)
