@@ -119,7 +119,7 @@ class Daemon:
                 "max_pool_size": 6,
                 "beacon_interval": 1,
                 "timeout_boot": 60,
-                # the guest agent beacons every 5 s (it is not told the pool's beacon_interval)
+                # beacons come every beacon_interval (1 s); 20 s of silence keeps a loaded machine safe
                 "timeout_update": 20,
                 "timeout_operation": 30,
                 "timeout_cloud": 20,
