@@ -1,23 +1,29 @@
-"""Benchmark of the checkpoint store at the scale target (issue #4): 5,000 VMs.
+"""Benchmark of the pool's checkpoint at the scale target (issue #4): 5,000 VMs.
 
 Prints figures, asserts nothing.  Run from the repository root::
 
-    .venv/bin/python bench/checkpoint.py [--vms 5000] [--dir /path/on/the/real/disk]
+    .venv/bin/python bench/checkpoint.py [--vms 5000] [--handles 3000] [--dir /path/on/the/real/disk]
 
-Measures, for a synthetic pool snapshot shaped like the pool's (a dict of ~15 fields per VM,
-handles with a few page-load events each):
+Builds a real pool state (``PoolState`` with fully described VM records, batches, and handles
+holding a lent VM and five events each) and measures, through the pool's own ``SnapshotWriter``
+and the ``CheckpointStore``:
 
-* size of ``checkpoint.json`` and the time to encode it, write it atomically (temp, fsync,
+* the size of ``checkpoint.json`` and the time to encode it, write it atomically (temp, fsync,
   rename, fsync of the directory) and load it back;
+* the pool side, on the reactor thread: the memory the writer's per-record cache keeps, and what
+  ``snapshot()`` costs with a cold cache, with nothing changed, and after 1 or 100 VMs or one
+  handle changed;
 * the reactor thread's cost per ``save()`` (scheduling only) and how a burst of saves coalesces;
-* the reactor's lag (how late a 1 ms timer fires) while checkpoints are written continuously on
-  the store's thread, against the lag while a thread runs json's one-shot C encoder on the same
-  snapshot, which holds the GIL for the whole document.
+* the reactor's lag (how late a 1 ms timer fires) while, every 10 ms, a VM changes and the pool
+  snapshots and saves, against the lag while a thread runs json's one-shot C encoder on the same
+  state, which holds the GIL for the whole document.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
 import json
 import os
 import shutil
@@ -26,99 +32,92 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall, deferLater, react
 from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
+from vmcloud.pool.interfaces import BatchOptions, Cookie
+from vmcloud.pool.model import VM, PoolSpec, VMState
+from vmcloud.pool.snapshot import SnapshotWriter
+from vmcloud.pool.state import PoolState
 from vmcloud.store.checkpoint import (
     CheckpointStore,
     RealFileOps,
+    decode_checkpoint,
     encode_checkpoint,
     synchronous_dispatch,
     thread_dispatcher,
 )
 
-STATES = ["FREE", "READY", "OCCUPIED", "WAIT", "BOOTING"]
+NOW = 1_760_000_000.0
 
 
-def synthetic_snapshot(vms: int, generation: int = 0) -> dict[str, Any]:
-    """A pool snapshot of ``vms`` VMs, half of them locked by a handle with five events each."""
-    now = 1_760_000_000.0 + generation
-    batches = max(1, vms // 100)
-    vm_records = []
-    handles = []
+def synthetic_pool(vms: int, handles: int) -> PoolState:
+    """``vms`` VMs with every field set; ``handles`` of them lent, each handle with five events."""
+    state = PoolState("bench", PoolSpec(vms, vms, 60_000))
+    options = BatchOptions(cookies=(Cookie("session", "c2Vzc2lvbi12YWx1ZQ", domain="example.org"),))
+    homepages = [f"https://example.org/app/{b}" for b in range(max(1, vms // 100))]
+    batches = [state.add_batch(100, homepage, options, NOW).id for homepage in homepages]
     for i in range(vms):
-        vmid = f"{i:06d}"
-        state = STATES[i % len(STATES)]
-        handle = f"h{i:06d}-Zm9vYmFyYmF6cXV4cXV1eHF1dXg" if state == "OCCUPIED" or i % 2 else None
-        vm_records.append(
-            {
-                "vmid": vmid,
-                "name": f"vmcloud-vm-{vmid}",
-                "serverId": f"5f0c7a8e-1b2d-4c3e-9f40-{i:012d}",
-                "state": state,
-                "version": 3 + generation,
-                "stateSince": now - i % 600,
-                "batch": f"b{i % batches}" if state in ("READY", "OCCUPIED") else None,
-                "handle": handle,
-                "ip": f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",
-                "mac": f"fa:16:3e:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}",
-                "login": f"vm-{vmid}",
-                "passcode": "c2VjcmV0LXBhc3Njb2RlLTEyMzQ1Ng",
-                "vncPassword": "a1b2c3d4",
-                "lastBeacon": now - i % 5,
-                "agentVersion": "0.1.0",
-                "capabilities": ["browser", "vnc", "audio"],
-            }
-        )
-        if handle is not None:
-            handles.append(
-                {
-                    "handle": handle,
-                    "batch": f"b{i % batches}",
-                    "vmid": vmid,
-                    "expireTime": (now + 3600) * 1000,
-                    "lastEventId": 5,
-                    "dropped": 0,
-                    "events": [
-                        {
-                            "id": n,
-                            "time": (now - 60 + n) * 1000,
-                            "data": {
-                                "action": "page-load",
-                                "url": f"https://example.org/task/{i}/step/{n}?q=abc",
-                                "title": f"Task {i} — step {n}",
-                            },
-                        }
-                        for n in range(1, 6)
-                    ],
-                }
+        vmid = state.vmid_for(state.next_vmid)
+        state.next_vmid += 1
+        mac = f"fa:16:3e:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}"
+        ip = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
+        lent = i < handles
+        state.put(
+            VM(
+                vmid=vmid,
+                state=VMState.READY if lent or i % 2 else VMState.FREE,
+                created_at=NOW - 3600,
+                version=7,
+                since=NOW - i % 600,
+                server_id=f"5f0c7a8e-1b2d-4c3e-9f40-{i:012d}",
+                booted_at=NOW - 3500,
+                login=f"vm-{vmid}",
+                passcode="c2VjcmV0LXBhc3Njb2RlLTEyMzQ1Ng",
+                identity=f"vm-{vmid}",
+                mac=mac,
+                ip=ip,
+                macs=(mac,),
+                ips=(ip,),
+                batch=batches[i % len(batches)] if lent or i % 2 else None,
+                last_used=NOW - 60,
+                vnc_password="a1b2c3d4",
+                capabilities=("browser", "vnc", "audio"),
             )
-    return {
-        "poolSize": {"min": vms, "max": vms, "linger": 60000},
-        "nextVmid": vms,
-        "vms": vm_records,
-        "batches": [
-            {"batch": f"b{b}", "homepage": "https://example.org/", "size": 100, "cancelled": False}
-            for b in range(batches)
-        ],
-        "preps": [],
-        "handles": handles,
-        "pendingLocks": [],
-    }
+        )
+        if lent:
+            token = f"h{i:06d}-Zm9vYmFyYmF6cXV4cXV1eHF1dXg"
+            state.add_handle(batches[i % len(batches)], token, NOW - 120)
+            state.assign(token, vmid, NOW - 120)  # the first event: vm-assigned
+            for n in range(1, 5):
+                page = {"action": "page-load", "url": f"https://example.org/task/{i}/step/{n}?q=abc"}
+                state.add_event(token, {**page, "title": f"Task {i} — step {n}"}, NOW - 60 + n)
+    return state
+
+
+def change_vms(state: PoolState, vmids: itertools.cycle[str], count: int) -> None:
+    """A new record for ``count`` VMs, as a guest's answer or a beacon would make."""
+    for _ in range(count):
+        vm = state.vms[next(vmids)]
+        state.put(attrs.evolve(vm, version=vm.version + 1, since=vm.since + 1))
 
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-def measure(fn: Callable[[], object], runs: int) -> list[float]:
+def measure(fn: Callable[[], object], runs: int, setup: Callable[[], object] | None = None) -> list[float]:
     times = []
     for _ in range(runs):
+        if setup is not None:
+            setup()
         started = time.perf_counter()
         fn()
         times.append(time.perf_counter() - started)
@@ -132,16 +131,60 @@ def report(label: str, times: list[float]) -> None:
     )
 
 
-def offline_figures(snapshot: dict[str, Any], directory: FilePath[str], runs: int) -> None:
+def cache_bytes(state: PoolState) -> int:
+    """What a writer keeps between snapshots (its per-record cache), by tracemalloc."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        writer = SnapshotWriter()
+        writer.snapshot(state)  # the snapshot itself is dropped at once, as the store drops it
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    del writer
+    return kept
+
+
+def pool_figures(state: PoolState, runs: int) -> None:
+    """The pool's side of a checkpoint: the writer's cache and snapshot() on the reactor thread."""
+    vms = len(state.vms)
+    kept = cache_bytes(state)
+    print(f"  snapshot cache: {kept:,} bytes ({kept / vms:,.0f} bytes per VM, handles included)")
+    report("snapshot(), cold cache (every record)", measure(lambda: SnapshotWriter().snapshot(state), runs))
+    writer = SnapshotWriter()
+    writer.snapshot(state)
+    vmids = itertools.cycle(list(state.vms))
+    report("snapshot(), nothing changed", measure(lambda: writer.snapshot(state), runs))
+    report(
+        "snapshot() after 1 changed VM",
+        measure(lambda: writer.snapshot(state), runs, lambda: change_vms(state, vmids, 1)),
+    )
+    report(
+        "snapshot() after 100 changed VMs",
+        measure(lambda: writer.snapshot(state), runs, lambda: change_vms(state, vmids, 100)),
+    )
+    tokens = itertools.cycle(list(state.handles))
+    page = {"action": "page-load", "url": "https://example.org/"}
+    report(
+        "snapshot() after 1 new event on a handle",
+        measure(lambda: writer.snapshot(state), runs, lambda: state.add_event(next(tokens), page, NOW)),
+    )
+
+
+def offline_figures(state: PoolState, directory: FilePath[str], runs: int) -> None:
     """Encoding, writing and loading on the calling thread, no reactor involved."""
     from twisted.internet.task import Clock
 
+    snapshot = SnapshotWriter().snapshot(state)
     data = encode_checkpoint(snapshot, 0.0)
-    print(f"  checkpoint size: {len(data):,} bytes ({len(data) / len(snapshot['vms']):.0f} bytes per VM)")
-    report("encode (store's piecewise encoder)", measure(lambda: encode_checkpoint(snapshot, 0.0), runs))
+    plain = decode_checkpoint(data)[1]  # the same state as plain JSON data, for the reference
+    print(f"  checkpoint size: {len(data):,} bytes ({len(data) / len(state.vms):.0f} bytes per VM)")
+    report("encode (the store's encoder)", measure(lambda: encode_checkpoint(snapshot, 0.0), runs))
     report(
         "encode (json.dumps in one C call, reference)",
-        measure(lambda: json.dumps(snapshot, separators=(",", ":")), runs),
+        measure(lambda: json.dumps(plain, separators=(",", ":")), runs),
     )
     store = CheckpointStore(directory, dispatch=synchronous_dispatch, clock=Clock(), files=RealFileOps())
     report("save: encode + temp + fsync + rename + fsync dir", measure(lambda: store.save(snapshot), runs))
@@ -149,11 +192,13 @@ def offline_figures(snapshot: dict[str, Any], directory: FilePath[str], runs: in
     report("load + validate", measure(store.load, runs))
 
 
-async def reactor_figures(reactor: Any, snapshot: dict[str, Any], directory: FilePath[str]) -> None:
+async def reactor_figures(reactor: Any, state: PoolState, directory: FilePath[str]) -> None:
     pool = ThreadPool(minthreads=1, maxthreads=1, name="checkpoint")
     pool.start()
     try:
         store = CheckpointStore(directory, dispatch=thread_dispatcher(reactor, pool), clock=reactor)
+        writer = SnapshotWriter()
+        snapshot = writer.snapshot(state)
 
         # A burst: what the reactor thread pays per save, and how many writes it costs.
         before = store.stats().writes
@@ -164,22 +209,30 @@ async def reactor_figures(reactor: Any, snapshot: dict[str, Any], directory: Fil
             f" (max {max(costs) * 1e6:.0f} µs), {store.stats().writes - before} writes"
         )
 
-        # Continuous checkpointing (a save every 10 ms for 3 s) against the reactor's lag.
-        lag = await _lag_during(reactor, 3.0, lambda: store.save(snapshot), 0.01)
+        # Continuous checkpointing (a VM changes, snapshot and save every 10 ms for 3 s) against
+        # the reactor's lag.
+        vmids = itertools.cycle(list(state.vms))
+
+        def change_and_save() -> None:
+            change_vms(state, vmids, 1)
+            store.save(writer.snapshot(state))
+
+        lag = await _lag_during(reactor, 3.0, change_and_save, 0.01)
         stats = store.stats()
         print(
-            f"  saving every 10 ms for 3 s: {stats.writes} writes in all, last write"
-            f" {_ms(stats.last_write_seconds or 0)} (encode {_ms(stats.last_encode_seconds or 0)})"
+            f"  a VM changes, snapshot + save every 10 ms for 3 s: {stats.writes} writes in all, last"
+            f" write {_ms(stats.last_write_seconds or 0)} (encode {_ms(stats.last_encode_seconds or 0)})"
         )
         print(f"    reactor lag of a 1 ms timer: p50 {_ms(lag[0])}, p99 {_ms(lag[1])}, max {_ms(lag[2])}")
         await store.flush()
 
         # Reference: a thread running the one-shot C encoder holds the GIL for a whole document.
+        plain = decode_checkpoint(encode_checkpoint(snapshot, 0.0))[1]
         stop = threading.Event()
 
         def encode_forever() -> None:
             while not stop.is_set():
-                json.dumps(snapshot, separators=(",", ":"))
+                json.dumps(plain, separators=(",", ":"))
 
         worker = threading.Thread(target=encode_forever, daemon=True)
         worker.start()
@@ -191,7 +244,10 @@ async def reactor_figures(reactor: Any, snapshot: dict[str, Any], directory: Fil
             f" max {_ms(lag[2])}"
         )
         lag = await _lag_during(reactor, 1.0, None, 0)
-        print(f"  reference, idle reactor:                    lag p50 {_ms(lag[0])}, max {_ms(lag[2])}")
+        print(
+            f"  reference, idle reactor:                    lag p50 {_ms(lag[0])}, p99 {_ms(lag[1])},"
+            f" max {_ms(lag[2])}"
+        )
     finally:
         pool.stop()
 
@@ -227,6 +283,7 @@ async def _lag_during(
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vms", type=int, default=5000)
+    parser.add_argument("--handles", type=int, default=3000, help="VMs lent, each with a handle")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--dir", default=None, help="state directory (default: a fresh one under /tmp)")
     options = parser.parse_args(argv)
@@ -235,17 +292,19 @@ def main(argv: list[str]) -> None:
     directory = FilePath(os.path.abspath(base))
     directory.makedirs(ignoreExistingDirectory=True)
     started = time.perf_counter()
-    snapshot = synthetic_snapshot(options.vms)
+    state = synthetic_pool(options.vms, min(options.handles, options.vms))
     print(
-        f"checkpoint of {options.vms:,} VMs, {len(snapshot['handles']):,} handles"
-        f" (5 events each) in {directory.path}  [built in {_ms(time.perf_counter() - started)}]"
+        f"checkpoint of {options.vms:,} VMs, {len(state.handles):,} handles (5 events each),"
+        f" {len(state.batches)} batches in {directory.path}  [built in {_ms(time.perf_counter() - started)}]"
     )
-    print("on the calling thread:")
-    offline_figures(snapshot, directory, options.runs)
+    print("the pool's side, on the reactor thread:")
+    pool_figures(state, options.runs)
+    print("the store, on the calling thread:")
+    offline_figures(state, directory, options.runs)
     print("through the reactor and a dedicated thread pool (production wiring):")
 
     async def run(reactor: Any) -> None:
-        await reactor_figures(reactor, snapshot, directory)
+        await reactor_figures(reactor, state, directory)
 
     try:
         react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
