@@ -61,6 +61,7 @@ class PoolSettings:
     cloud_threads: int = 4
     quota_retry: float = 60.0
     max_boots_in_flight: int = 16
+    max_deletes_in_flight: int = 16
 
 
 @attrs.frozen

@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from twisted.application import strports
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -33,6 +34,7 @@ from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 
+from vmcloud import memory
 from vmcloud.api.accesslog import redacted_log_formatter
 from vmcloud.config import DEFAULT_API, Config, ConfigError, listens_on_loopback_only, parse_config
 from vmcloud.service import SequentialMultiService
@@ -40,6 +42,9 @@ from vmcloud.service import SequentialMultiService
 log = Logger()
 
 T = TypeVar("T")
+
+#: Seconds between two returns of free heap pages to the system (:func:`vmcloud.memory.trim`).
+TRIM_INTERVAL = 30.0
 
 
 class Options(usage.Options):
@@ -163,6 +168,11 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
     store_threads = ThreadPoolService(reactor, "vmcloud-checkpoint", 1)
     store_threads.setServiceParent(root)
     store = CheckpointStore(state_dir, dispatch=store_threads.dispatch, clock=clock)
+    if memory.tune_allocator():
+        # free pages inside glibc's heaps go back to the system; off the reactor (no GIL held)
+        trimming = TimerService(TRIM_INTERVAL, lambda: store_threads.dispatch(memory.trim))
+        trimming.setName("memory-trim")
+        trimming.setServiceParent(root)
 
     # ---- broker and guest channel
     if config.broker.external:
@@ -281,6 +291,7 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
             events_per_handle=config.pool.events_per_handle,
             quota_retry=config.pool.quota_retry,
             max_boots_in_flight=config.pool.max_boots_in_flight,
+            max_deletes_in_flight=config.pool.max_deletes_in_flight,
             long_poll_default=config.api.long_poll_default,
         ),
     )

@@ -208,3 +208,51 @@ class StrayTests(SynchronousTestCase):
         self.assertEqual(plan(CONFIG, state, NOW), [DeleteServer("b", "pool-y")])
         state.cloud = CloudHealth(failures=1, backoff_until=NOW + 1)
         self.assertEqual(plan(CONFIG, state, NOW), [])
+
+
+class DeleteBudgetTests(SynchronousTestCase):
+    """At most ``max_deletes_in_flight`` terminations under way: thousands go by in short passes."""
+
+    config = attrs.evolve(CONFIG, max_pool_size=100, max_deletes_in_flight=4)
+
+    def apply_all(self, state: PoolState, actions: list) -> None:  # type: ignore[type-arg]
+        for action in actions:
+            apply(state, action, NOW, self.config)
+
+    def test_a_shutdown_starts_a_budget_of_deletes_per_round(self) -> None:
+        state = pool(maximum=100)
+        vms = [add(state, VMState.FREE) for _ in range(10)]
+        state.shutting_down = True
+        first = plan(self.config, state, NOW)
+        self.assertEqual([a.vmid for a in first], vms[:4])  # type: ignore[union-attr]
+        self.apply_all(state, first)
+        self.assertEqual(plan(self.config, state, NOW), [])  # the marks use the budget up
+        for vmid in vms[:3]:  # three deletes answered: three more may start
+            state.delete_done(vmid, state.vms[vmid].server_id)
+        self.assertEqual([a.vmid for a in plan(self.config, state, NOW)], vms[4:7])  # type: ignore[union-attr]
+
+    def test_dead_vms_come_before_size_and_strays_count_too(self) -> None:
+        state = pool(maximum=0)
+        free = [add(state, VMState.FREE) for _ in range(3)]
+        dead = add(state, VMState.ERROR, reason="broken", identity="g-dead")
+        state.strays = {"s": Stray("s", "pool-s", seen=2)}
+        actions = plan(self.config, state, NOW)
+        self.assertEqual(
+            actions,
+            [
+                Delete(dead, "broken"),
+                DeleteServer("s", "pool-s"),
+                *(Delete(v, "above the maximum pool size") for v in free[:2]),
+            ],
+        )
+
+    def test_a_delete_older_than_the_cloud_timeout_no_longer_holds_a_place(self) -> None:
+        state = pool(maximum=0)
+        for _ in range(4):
+            add(state, VMState.KILLING, age=1.0)
+        free = add(state, VMState.FREE)
+        self.assertEqual(plan(self.config, state, NOW), [])  # four in flight: the FREE VM waits
+        later = NOW + self.config.timeout_cloud
+        kills = [a.vmid for a in plan(self.config, state, later) if isinstance(a, Delete)]
+        self.assertEqual(len(kills), 4)  # four retries take the four places; the FREE VM still waits
+        self.assertNotIn(free, kills)

@@ -54,6 +54,8 @@ class PoolConfig:
     checkpoint_interval: float = attrs.field(default=0.05, validator=_non_negative)
     #: Boot requests in flight to the cloud at once (VMs in CREATING); the rest wait for a later pass.
     max_boots_in_flight: int = attrs.field(default=16, validator=_positive_count)
+    #: Terminations under way at once (VMs in KILLING, strays being deleted); the rest wait.
+    max_deletes_in_flight: int = attrs.field(default=16, validator=_positive_count)
     #: Unassigned handles waiting for a VM, over all batches; a lock beyond is refused.
     max_pending_locks: int = attrs.field(default=10_000, validator=_count)
     #: Pool size before any set-pool-size call (the cap when None) and linger in milliseconds.

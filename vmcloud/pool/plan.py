@@ -133,10 +133,23 @@ class _Pass:
     that counts read after a decision see the state as it will be once the actions are applied.
     """
 
-    __slots__ = ("actions", "alive", "boot_failed", "dying", "let_go", "released", "state", "taken", "used")
+    __slots__ = (
+        "actions",
+        "alive",
+        "boot_failed",
+        "deletes",
+        "dying",
+        "let_go",
+        "released",
+        "state",
+        "taken",
+        "used",
+    )
 
-    def __init__(self, state: PoolState) -> None:
+    def __init__(self, state: PoolState, deletes: int = 0) -> None:
         self.state = state
+        #: Cloud deletes this plan may still start (``max_deletes_in_flight`` less those in flight).
+        self.deletes = deletes
         self.actions: list[Action] = []
         self.dying: set[str] = set()
         self.used: set[str] = set()
@@ -149,7 +162,15 @@ class _Pass:
         self.taken: dict[tuple[VMState, str | None], int] = {}
         self.alive = state.alive_count()
 
-    def kill(self, vm: VM, reason: str) -> None:
+    def kill(self, vm: VM, reason: str) -> bool:
+        """Terminate ``vm`` if the delete budget allows; False (and nothing done) when it is spent.
+
+        Every kill counts, even one with no server to delete yet: the budget bounds the work of a
+        pass as well as the calls waiting for a cloud thread.
+        """
+        if self.deletes <= 0:
+            return False
+        self.deletes -= 1
         failed_boot = vm.identity is None and vm.state is not VMState.KILLING and reason not in NOT_FAILURES
         self.boot_failed |= failed_boot
         self.actions.append(Delete(vm.vmid, reason, failed_boot))
@@ -158,6 +179,7 @@ class _Pass:
             self.alive -= 1
             key = (vm.state, vm.batch)
             self.taken[key] = self.taken.get(key, 0) + 1
+        return True
 
     def take_ready(self, vmid: str, batch: str) -> None:
         """A READY VM of ``batch`` gets other work from this plan (lent, cleaned)."""
@@ -181,17 +203,36 @@ class _Pass:
                 yield vmid
 
 
+def deletes_in_flight(config: PoolConfig, state: PoolState, now: float) -> int:
+    """Terminations started less than ``timeout_cloud`` ago: VMs in KILLING, strays being deleted.
+
+    One older than that is taken as lost and may be started again (it then counts again).
+    """
+    vms = state.vms
+    limit = config.timeout_cloud
+    killing = sum(1 for vmid in state.ids(VMState.KILLING) if now - vms[vmid].since < limit)
+    strays = sum(
+        1 for s in state.strays.values() if s.deleting_since is not None and now - s.deleting_since < limit
+    )
+    return killing + strays
+
+
 def plan(config: PoolConfig, state: PoolState, now: float) -> list[Action]:
-    """Every action the rules call for in ``state`` at ``now``, in the order to apply them."""
-    p = _Pass(state)
+    """Every action the rules call for in ``state`` at ``now``, in the order to apply them.
+
+    Terminations are the exception: at most ``max_deletes_in_flight`` are under way at once, so a
+    shutdown of thousands of VMs (or a mass death) is spread over many short passes instead of one
+    that starts them all; the most urgent come first (dead VMs, strays, shutdown, size, linger).
+    """
+    p = _Pass(state, config.max_deletes_in_flight - deletes_in_flight(config, state, now))
     minimum, maximum = effective_size(config, state)
     _expire_handles(p, now)
     _terminate_dead(p, config, now)
     _reap_strays(p, config, now)
     if state.shutting_down:
         for vm in list(state.vms.values()):
-            if vm.alive and vm.vmid not in p.dying:
-                p.kill(vm, SHUTTING_DOWN)
+            if vm.alive and vm.vmid not in p.dying and not p.kill(vm, SHUTTING_DOWN):
+                break
     _shrink_to_max(p, maximum)
     remaining = _assign_locks(p)
     lock_queue, size_queue = _preparation_queue(p, remaining, now)
@@ -263,6 +304,9 @@ def _reap_strays(p: _Pass, config: PoolConfig, now: float) -> None:
         if stray.seen < 2:
             continue
         if stray.deleting_since is None or now - stray.deleting_since >= config.timeout_cloud:
+            if p.deletes <= 0:
+                return
+            p.deletes -= 1
             p.actions.append(DeleteServer(stray.server_id, stray.name))
 
 
@@ -275,7 +319,8 @@ def _shrink_to_max(p: _Pass, maximum: int) -> None:
         if excess <= 0:
             return
         if p.free(vm.vmid):
-            p.kill(vm, ABOVE_MAX)
+            if not p.kill(vm, ABOVE_MAX):
+                return
             excess -= 1
 
 
@@ -444,7 +489,8 @@ def _linger(p: _Pass, minimum: int, now: float) -> None:
             continue
         if now - vm.last_used < linger:
             return  # FREE VMs are in the order they became idle: the rest idled for less
-        p.kill(vm, LINGER)
+        if not p.kill(vm, LINGER):
+            return
 
 
 def _clean_released(p: _Pass) -> None:
