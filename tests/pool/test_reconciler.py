@@ -12,6 +12,7 @@ from vmcloud.pool.config import PoolConfig
 from vmcloud.pool.interfaces import BatchOptions, GuestInfo
 from vmcloud.pool.model import VM, PoolSpec, VMState
 from vmcloud.pool.plan import plan
+from vmcloud.pool.reconciler import WORDS_PER_TURN
 from vmcloud.pool.snapshot import SnapshotWriter
 from vmcloud.pool.state import PoolState
 
@@ -70,6 +71,38 @@ class RobustnessTests(SynchronousTestCase):
         self.assertGreater(status["reconciler"]["passes"], 1)
         self.assertGreaterEqual(status["reconciler"]["lastPassMs"], 0)
         self.assertEqual(status["cloud"]["driver"], "fake")
+
+
+class PacingTests(SynchronousTestCase):
+    """A pass marks every VM it gives work at once but says at most WORDS_PER_TURN words; the
+    rest follow on later reactor turns (``callLater(0)``: a real reactor polls its sockets in
+    between; a Clock runs them all in one ``advance``)."""
+
+    def batch_marked(self, n: int) -> World:
+        w = World(attrs.evolve(CONFIG, max_pool_size=n, max_boots_in_flight=n))
+        w.pool.set_pool_size(n, n, 0)
+        w.settle()
+        w.pool.prepare_batch(n, "http://example.org/", BatchOptions())
+        w.pool.reconciler.run_pass()  # the pass prepare_batch scheduled, run by hand
+        return w
+
+    def test_a_big_batch_is_prepared_turn_by_turn(self) -> None:
+        n = WORDS_PER_TURN * 2 + 5
+        w = self.batch_marked(n)
+        self.assertEqual(len(w.vms(VMState.WAIT)), n)  # every VM is marked at once
+        self.assertEqual(len(w.channel.calls), WORDS_PER_TURN)
+        w.turn()
+        self.assertEqual(len(w.channel.calls), n)
+        w.settle()
+        self.assertEqual(w.counts(), {"READY": n})
+
+    def test_a_vm_that_moved_on_before_its_turn_gets_no_word(self) -> None:
+        w = self.batch_marked(WORDS_PER_TURN + 1)
+        told = {call.identity for call in w.channel.calls}
+        (waiting,) = [vm for vm in w.vms(VMState.WAIT) if vm.identity not in told]
+        w.state.fail_vm(waiting.vmid, "its guest said BYE", w.clock.seconds())
+        w.turn()
+        self.assertNotIn(waiting.identity, {call.identity for call in w.channel.calls})
 
 
 def big_pool(n: int) -> tuple[PoolConfig, PoolState]:

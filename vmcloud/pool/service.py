@@ -79,6 +79,17 @@ def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
 
+def _why(vm: VM | None) -> str:
+    """What a state line adds: the reason a VM failed, or the server it got."""
+    if vm is None:
+        return ""
+    if vm.reason:
+        return f" ({vm.reason})"
+    if vm.state is VMState.BOOTING and vm.server_id is not None:
+        return f" (server {vm.server_id})"
+    return ""
+
+
 def _count(value: object, name: str, maximum: int | None = None) -> int:
     """A non-negative integer argument (not a bool), at most ``maximum``."""
     if not isinstance(value, int) or isinstance(value, bool):
@@ -634,7 +645,7 @@ class PoolService(Service):
             vmid=vm.vmid,
             before=old.state.value if old is not None else "new",
             after=new.state.value if new is not None else "gone",
-            why=f" ({new.reason})" if new is not None and new.reason else "",
+            why=_why(new),
             event="vm-state",
         )
 
