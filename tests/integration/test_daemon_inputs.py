@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_daemon_harness import Answer, Daemon
+from tests.integration.test_daemon_harness import Daemon
+from tests.integration.vmcloud_daemon import Answer
 
 HOME = "https%3A%2F%2Fexample.com%2F"
 UNKNOWN_HANDLE = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tests.integration.test_nova_harness import BOOT, LIST, NovaTestCase, Request, wait_for
+from tests.integration.test_nova_harness import BOOT, LIST, NovaTestCase, Request
 
 #: 503 burst length.  The issue asks for 30 s; 10 s shows the same (exponential back-off: 1, 2, 4,
 #: 8 s) and keeps the suite short.
@@ -40,7 +40,7 @@ class FaultTests(NovaTestCase):
         cloud, daemon = self.make("--boot-error-rate", "0.2", "--seed", "1")
         watch = self.watch(daemon)
         daemon.set_pool_size(6, 8)
-        daemon.wait_states(FREE=6, timeout=60)
+        daemon.wait_vms(FREE=6, timeout=60)
         servers = daemon.wait_no_leak()
         self.assertEqual(len(servers), 6)
 
@@ -57,14 +57,14 @@ class FaultTests(NovaTestCase):
         cloud, daemon = self.make()
         watch = self.watch(daemon)
         daemon.set_pool_size(3, 6)
-        before = {vm["vmid"] for vm in daemon.wait_states(FREE=3)["vms"]}
+        before = {vm["vmid"] for vm in daemon.wait_vms(FREE=3)["vms"]}
 
         cloud.add_fault(kind="status", status=503, match=r"^\S+ /v2\.1/", rate=1.0)
         started = time.time()
         daemon.set_pool_size(5, 6)  # the pool wants to grow during the outage
         status = daemon.wait_pool(lambda s: s if s["cloud"]["backingOff"] else None, "back-off shown")
         self.assertIn("503", status["cloud"]["lastError"])
-        wait_for(lambda: time.time() - started >= BURST, f"a {BURST} s burst", BURST + 5)
+        daemon.wait_for(lambda: time.time() - started >= BURST, f"a {BURST} s burst", BURST + 5)
         cloud.clear_faults()
         cleared = time.time()
 
@@ -73,7 +73,7 @@ class FaultTests(NovaTestCase):
         # exponential back-off: a listing and a boot at about 0, 2, 5, 10 s, not one of each per 1 s tick
         self.assertLessEqual(len(during), 10, [(round(r.t - started, 2), r.method, r.path) for r in during])
 
-        status = daemon.wait_states(FREE=5, timeout=40)
+        status = daemon.wait_vms(FREE=5, timeout=40)
         recovered = time.time() - cleared
         self.assertLessEqual(before, {vm["vmid"] for vm in status["vms"]}, "the outage killed no VM")
         self.assertFalse(status["cloud"]["backingOff"])
@@ -85,30 +85,30 @@ class FaultTests(NovaTestCase):
         cloud, daemon = self.make()
         watch = self.watch(daemon)
         daemon.set_pool_size(2, 6)
-        daemon.wait_states(FREE=2)
+        daemon.wait_vms(FREE=2)
 
         # a listing refused for 4 s
         cloud.add_fault(
             kind="status", status=429, retry_after=4, match=r"^GET /v2\.1/servers/detail$", count=1
         )
-        refused = wait_for(lambda: _refused(cloud.requests(), LIST, 429), "a listing refused with 429")
+        refused = daemon.wait_for(lambda: _refused(cloud.requests(), LIST, 429), "a listing refused with 429")
         status = daemon.wait_pool(lambda s: s if s["cloud"]["backingOff"] else None, "back-off shown")
         self.assertIn("rate limited", status["cloud"]["lastError"])
-        wait_for(lambda: _after(cloud.requests(), refused, LIST), "a listing after the refusal", 15)
+        daemon.wait_for(lambda: _after(cloud.requests(), refused, LIST), "a listing after the refusal", 15)
         self.assertGreaterEqual(_gaps_after(cloud.requests(), refused, LIST), 4.0)
 
         # a boot refused for 3 s: exactly one boot is under way when it comes
         cloud.add_fault(kind="status", status=429, retry_after=3, match=r"^POST /v2\.1/servers$", count=1)
         daemon.set_pool_size(3, 6)
-        refused = wait_for(lambda: _refused(cloud.requests(), BOOT, 429), "a boot refused with 429")
-        wait_for(lambda: _after(cloud.requests(), refused, BOOT), "a boot after the refusal", 15)
+        refused = daemon.wait_for(lambda: _refused(cloud.requests(), BOOT, 429), "a boot refused with 429")
+        daemon.wait_for(lambda: _after(cloud.requests(), refused, BOOT), "a boot after the refusal", 15)
         self.assertGreaterEqual(_gaps_after(cloud.requests(), refused, BOOT), 3.0)
         nova = [
             r for r in cloud.requests() if r.path.startswith("/v2.1/") and refused.t < r.t < refused.t + 3
         ]
         self.assertEqual(nova, [], "nothing at all is asked of the cloud while it said to wait")
 
-        daemon.wait_states(FREE=3)
+        daemon.wait_vms(FREE=3)
         daemon.wait_no_leak()
         self.assert_answered(watch)
 
@@ -125,8 +125,8 @@ class FaultTests(NovaTestCase):
         first = _refused(cloud.requests(), BOOT, 403)
         assert first is not None
         # hold the quota for a while: the pool must not keep asking
-        daemon.wait_states(FREE=2)
-        wait_for(lambda: time.time() - first.t >= 10, "ten seconds of exhausted quota", 15)
+        daemon.wait_vms(FREE=2)
+        daemon.wait_for(lambda: time.time() - first.t >= 10, "ten seconds of exhausted quota", 15)
         refused = [r for r in cloud.requests() if r.is_(BOOT) and r.status == 403]
         window = time.time() - first.t
         self.assertLessEqual(len(refused), 2, f"{len(refused)} refused boots in {window:.0f} s")
@@ -135,7 +135,7 @@ class FaultTests(NovaTestCase):
         cloud.configure(quota_instances=10)
         raised = time.time()
         retry_at = daemon.status()["cloud"]["quotaRetryAt"] / 1000
-        status = daemon.wait_states(FREE=4, timeout=max(0.0, retry_at - time.time()) + 30)
+        status = daemon.wait_vms(FREE=4, timeout=max(0.0, retry_at - time.time()) + 30)
         self.assertFalse(status["cloud"]["quotaExceeded"])
         daemon.wait_no_leak()
         converged = time.time()

@@ -1,12 +1,13 @@
-"""The Nova path end to end: a real ``twistd vmcloud`` on the Nova driver, a real simulator over TCP.
+"""The Nova path end to end: a real ``vmcloud`` daemon on the Nova driver, a real simulator over TCP.
 
 This module holds no tests; ``test_nova_*.py`` share it.  :class:`Cloud` runs ``python -m
 vmcloud.novasim`` as a child process with ``--guest-command`` (a real ``vmcloud-guest`` started
 from each ACTIVE server's user-data, stopped when the server is deleted) and ``--request-log`` (one
 JSON line per request, so a test can check *when* the daemon called, not only how often).
-:class:`Daemon` runs ``python -m twisted --log-format=json vmcloud`` on the ``[pool] driver =
-nova`` path pointed at it, with a prefix of its own and shortened timeouts.  :class:`ApiWatch`
-polls ``/all-status`` in a thread for the whole test and counts the answers that did not come.
+:class:`Daemon` is the shared :class:`~tests.integration.vmcloud_daemon.VmcloudDaemon` run as
+``python -m twisted --log-format=json vmcloud`` on the ``[pool] driver = nova`` path pointed at
+the simulator, with a prefix of its own and shortened timeouts.  :class:`ApiWatch` polls
+``/all-status`` in a thread for the whole test and counts the answers that did not come.
 
 Tests are synchronous: they talk HTTP with :mod:`http.client` and wait by polling (bounded, never
 a fixed sleep).  Every process is stopped in the test's cleanup, even after a failure: the daemon,
@@ -17,32 +18,34 @@ its log by pid).
 from __future__ import annotations
 
 import contextlib
-import http.client
 import itertools
 import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.conftest import free_port
-
-T = TypeVar("T")
+from tests.integration.vmcloud_daemon import (
+    PYTHON,
+    WAIT,
+    Answer,
+    VmcloudDaemon,
+    child_env,
+    http_call,
+    stop_process,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-PYTHON = sys.executable
-
-#: Upper bound of any one wait: the machine is shared; every wait polls and returns early.
-WAIT = 45.0
 
 IMAGE = "155d900f-4e14-4e4c-a73d-069cbf4541e6"
 FLAVOR = "1"
@@ -56,53 +59,14 @@ _SERVER_PATH = re.compile(r"^/v2\.1/servers/(?!detail$)[^/]+$")
 _serial = itertools.count()
 
 
-def wait_for(
-    check: Callable[[], T | None], what: str, timeout: float = WAIT, explain: Callable[[], str] = str
-) -> T:
-    """Poll ``check`` until it returns something truthy, at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}\n{explain()}")
-        time.sleep(0.2)
-
-
-@attrs.frozen
-class Answer:
-    status: int
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def text(self) -> str:
-        return self.body.decode("utf-8", "replace")
-
-
-def http_call(
-    port: int,
-    method: str,
-    path: str,
-    body: Any = None,
-    headers: Mapping[str, str] | None = None,
-    timeout: float = 10.0,
+def json_call(
+    port: int, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None
 ) -> Answer:
-    data = None
-    all_headers = dict(headers or {})
-    if body is not None:
-        data = json.dumps(body).encode()
-        all_headers["Content-Type"] = "application/json"
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        connection.request(method, path, body=data, headers=all_headers)
-        response = connection.getresponse()
-        return Answer(response.status, response.read())
-    finally:
-        connection.close()
+    """A request with ``body`` (if any) sent as JSON, as the simulator's APIs take it."""
+    if body is None:
+        return http_call(port, method, path, None, headers, timeout=10)
+    all_headers = {**(headers or {}), "Content-Type": "application/json"}
+    return http_call(port, method, path, json.dumps(body).encode(), all_headers, timeout=10)
 
 
 @attrs.frozen
@@ -180,9 +144,8 @@ class Cloud:
         ]
         if self.guest is not None:
             argv += ["--guest-command", self.guest_command()]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("VMCLOUD_", "OS_", "NOVASIM_"))}
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.process = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=err, env=env)
+            self.process = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=err, env=child_env())
         wait_for(self._listening, "the simulator's banner", 30, self.log_tail)
         self.port = port
 
@@ -198,14 +161,8 @@ class Cloud:
 
     def stop(self) -> None:
         """SIGTERM (it stops its guests first), SIGKILL if it lingers; then any guest left over."""
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        if self.process is not None:
+            stop_process(self.process, 20)
         for pid in self.guest_pids():
             with contextlib.suppress(OSError):
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -224,7 +181,7 @@ class Cloud:
     # ------------------------------------------------------------------ control API
 
     def control(self, method: str, path: str, body: Any = None, expect: int = 200) -> Any:
-        answer = http_call(self.port, method, "/_sim/" + path, body)
+        answer = json_call(self.port, method, "/_sim/" + path, body)
         assert answer.status == expect, f"{method} /_sim/{path}: {answer.status} {answer.text}"
         return answer.json() if answer.body else None
 
@@ -267,22 +224,18 @@ class Cloud:
                 "metadata": dict(metadata or {}),
             }
         }
-        answer = http_call(self.port, "POST", "/v2.1/servers", body, {"X-Auth-Token": STATIC_TOKEN})
+        answer = json_call(self.port, "POST", "/v2.1/servers", body, {"X-Auth-Token": STATIC_TOKEN})
         assert answer.status == 202, answer.text
         return str(answer.json()["server"]["id"])
 
 
-class Daemon:
-    """``twistd vmcloud`` on the Nova driver, configured for ``cloud``; start, stop, kill -9, restart."""
+class Daemon(VmcloudDaemon):
+    """The daemon on the Nova driver, configured for ``cloud``, logging JSON events."""
 
     def __init__(self, base: Path, cloud: Cloud, **settings: Any) -> None:
         """``settings`` override keys as ``section_key=value`` (``pool_timeout_update=10``)."""
-        self.base = base
         self.cloud = cloud
         self.prefix = f"nv{os.getpid() % 10000}x{next(_serial)}-"
-        self.state_dir = base / "state"
-        self.api_port = free_port()
-        self.stomp_port = free_port()
         sections: dict[str, dict[str, Any]] = {
             "pool": {
                 "driver": "nova",
@@ -313,124 +266,10 @@ class Daemon:
                 "timeout": 5,
             },
         }
-        for name, value in settings.items():
-            section, _, key = name.partition("_")
-            sections[section][key] = value
-        self.config = base / "vmcloud.conf"
-        self.config.write_text(
-            "".join(
-                f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) + "\n"
-                for section, keys in sections.items()
-            )
-        )
-        self.process: subprocess.Popen[bytes] | None = None
-        self.runs = 0
-        self.log_path = base / "daemon-0.log"
-
-    def start(self) -> None:
-        """Start (on the same state directory as any run before) and wait until the API answers."""
-        assert self.process is None or self.process.poll() is not None
-        self.runs += 1
-        self.log_path = self.base / f"daemon-{self.runs}.log"
-        argv = [
-            PYTHON,
-            "-m",
-            "twisted",
-            "--log-format=json",
-            "vmcloud",
-            "--config",
-            str(self.config),
-            "--api",
-            f"tcp:{self.api_port}:interface=127.0.0.1",
-            "--stomp",
-            f"tcp:{self.stomp_port}:interface=127.0.0.1",
-            "--state-dir",
-            str(self.state_dir),
-        ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("VMCLOUD_", "OS_"))}
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                argv, cwd=self.base, stdout=log, stderr=subprocess.STDOUT, env=env
-            )
-        wait_for(self._answers, "the API answers", 30, self.log_tail)
-
-    def _answers(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"the daemon exited with {self.process.returncode}\n{self.log_tail()}")
-        try:
-            return self.call("GET", "/all-status", timeout=5).status == 200
-        except OSError:
-            return False
-
-    def stop(self) -> int | None:
-        process = self.process
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-        return process.returncode
-
-    def kill9(self) -> None:
-        """``kill -9``: the daemon alone dies; its servers and their guests live on."""
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(10)
-
-    # ------------------------------------------------------------------ log
-
-    def events(self, runs: Iterable[int] | None = None) -> list[dict[str, Any]]:
-        """Every JSON log event of the given runs (default: all), in order."""
-        found = []
-        for n in runs or range(1, self.runs + 1):
-            path = self.base / f"daemon-{n}.log"
-            if not path.exists():
-                continue
-            for line in path.read_text("utf-8", "replace").splitlines():
-                line = line.strip("\x1e \r")
-                if line.startswith("{"):
-                    with contextlib.suppress(ValueError):
-                        found.append(json.loads(line))
-        return found
-
-    def logged(self, **fields: Any) -> list[dict[str, Any]]:
-        return [e for e in self.events() if all(e.get(k) == v for k, v in fields.items())]
-
-    def log_tail(self, lines: int = 60) -> str:
-        text = self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
-        kept = []
-        for line in text.splitlines():
-            try:
-                event = json.loads(line.strip("\x1e "))
-            except ValueError:
-                kept.append("  " + line)
-                continue
-            if "log_io" not in event:  # not the access log
-                kept.append(f"  {event.get('log_namespace')}: {_format(event)}")
-        return f"--- {self.log_path}\n" + "\n".join(kept[-lines:])
-
-    # ------------------------------------------------------------------ HTTP
-
-    def call(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Answer:
-        return http_call(self.api_port, method, path, body, timeout=timeout)
-
-    def ok(self, method: str, path: str, status: int = 200) -> Answer:
-        answer = self.call(method, path)
-        assert answer.status == status, f"{method} {path}: {answer.status} {answer.text}\n{self.log_tail()}"
-        return answer
-
-    def status(self) -> dict[str, Any]:
-        return self.ok("GET", "/all-status").json()  # type: ignore[no-any-return]
-
-    def set_pool_size(self, minimum: int, maximum: int, linger_ms: int = 600_000) -> None:
-        self.ok("POST", f"/set-pool-size/{minimum}/{maximum}/{linger_ms}", 204)
+        super().__init__(base, sections, settings, json_log=True)
 
     def explain(self) -> str:
+        """The pool with its cloud health, the simulator's servers, and both logs."""
         try:
             status = self.status()
             pool = json.dumps(
@@ -448,30 +287,7 @@ class Daemon:
             )
         except Exception as e:
             servers = f"(no simulator: {e})"
-        return f"/all-status: {pool}\nsimulator: {servers}\n{self.log_tail()}\n{self.cloud.log_tail(15)}"
-
-    def wait_pool(self, check: Callable[[dict[str, Any]], T | None], what: str, timeout: float = WAIT) -> T:
-        return wait_for(lambda: check(self.status()), what, timeout, self.explain)
-
-    def wait_for_handle(self, handle: str, timeout: float = WAIT) -> dict[str, Any]:
-        """Until the handle is assigned a VM; its handle-status."""
-
-        def assigned() -> dict[str, Any] | None:
-            status = self.ok("GET", f"/handle-status/{handle}").json()
-            return status if status["assigned"] else None
-
-        return wait_for(assigned, f"handle {handle[:6]}... assigned", timeout, self.explain)
-
-    def wait_states(self, timeout: float = WAIT, **counts: int) -> dict[str, Any]:
-        """Until the pool holds exactly ``counts`` VMs per state (``FREE=2``) and nothing else."""
-
-        def check(status: dict[str, Any]) -> dict[str, Any] | None:
-            seen: dict[str, int] = {}
-            for vm in status["vms"]:
-                seen[vm["state"]] = seen.get(vm["state"], 0) + 1
-            return status if seen == counts else None
-
-        return self.wait_pool(check, f"VMs {counts}", timeout)
+        return f"/all-status: {pool}\nsimulator: {servers}\n{self.log_tail(60)}\n{self.cloud.log_tail(15)}"
 
     def wait_no_leak(self, timeout: float = WAIT) -> dict[str, str]:
         """Until the simulator's servers are exactly the pool's VMs' servers; those servers."""
@@ -482,16 +298,7 @@ class Daemon:
             every = {s["id"] for s in self.cloud.servers()}
             return [servers] if set(servers) == pool and every == pool else None
 
-        return wait_for(same, "the simulator's servers equal the pool's VMs", timeout, self.explain)[0]
-
-
-def _format(event: Mapping[str, Any]) -> str:
-    from twisted.logger import formatEvent
-
-    try:
-        return formatEvent(dict(event))
-    except Exception:
-        return str(event.get("log_format"))
+        return self.wait_for(same, "the simulator's servers equal the pool's VMs", timeout)[0]
 
 
 class ApiWatch:

@@ -15,7 +15,7 @@ class MacMatchTests(NovaTestCase):
     def test_guest_matched_by_the_mac_nova_reports(self) -> None:
         cloud, daemon = self.make(guest="mac")
         daemon.set_pool_size(2, 3)
-        status = daemon.wait_states(FREE=2)
+        status = daemon.wait_vms(FREE=2)
         servers = {s["id"]: s for s in cloud.servers()}
         for vm in status["vms"]:
             server = servers[vm["serverId"]]

@@ -13,7 +13,7 @@ import json
 from typing import Any
 from urllib.parse import quote
 
-from tests.integration.test_nova_harness import Daemon, NovaTestCase, wait_for
+from tests.integration.test_nova_harness import Daemon, NovaTestCase
 
 STABLE = ("FREE", "READY", "OCCUPIED")
 
@@ -47,10 +47,10 @@ class RestartTests(NovaTestCase):
         # the guests need a little longer than a beacon timeout to find the restarted broker
         cloud, daemon = self.make(pool_timeout_update=15)
         daemon.set_pool_size(3, 6)
-        daemon.wait_states(FREE=3)
+        daemon.wait_vms(FREE=3)
         batch = daemon.ok("POST", "/prepare-batch/1/" + quote("https://example.org/", safe="")).text
         handle = daemon.ok("POST", f"/lock/{batch}").text
-        lent = daemon.wait_for_handle(handle)["vmid"]
+        lent = daemon.wait_assigned(handle)["vmid"]
 
         settled = daemon.wait_pool(
             lambda s: s if s["vms"] and all(vm["state"] in STABLE for vm in s["vms"]) else None,
@@ -70,14 +70,13 @@ class RestartTests(NovaTestCase):
         self.assertEqual(
             {vm["vmid"]: vm["state"] for vm in status["vms"]}, {**states, stuck["vmid"]: "BOOTING"}
         )
-        wait_for(
+        daemon.wait_for(
             lambda: (
                 {vm["vmid"]: vm["state"] for vm in _checkpointed(daemon)}
                 == {**states, stuck["vmid"]: "BOOTING"}
             ),
             "the checkpoint holding the pool as it is",
             15,
-            daemon.explain,
         )
 
         daemon.kill9()

@@ -8,7 +8,7 @@ touched.
 
 from __future__ import annotations
 
-from tests.integration.test_nova_harness import BOOT, NovaTestCase, Request, wait_for
+from tests.integration.test_nova_harness import BOOT, NovaTestCase, Request
 
 
 class StrayTests(NovaTestCase):
@@ -26,9 +26,7 @@ class StrayTests(NovaTestCase):
             cloud.create_server("x-" + prefix + "1"): "x-prefix",
         }
 
-        wait_for(
-            lambda: not set(strays) & set(cloud.live_servers()), "the strays deleted", 30, daemon.explain
-        )
+        daemon.wait_for(lambda: not set(strays) & set(cloud.live_servers()), "the strays deleted", 30)
         requests = cloud.requests()
         # the pool boots nothing (min 0): the POSTs are ours, in order; a listing the simulator took
         # after a POST shows that server
@@ -45,7 +43,9 @@ class StrayTests(NovaTestCase):
 
         # the others stay, listing after listing
         seen = len([r for r in cloud.requests() if r.listing])
-        wait_for(lambda: len([r for r in cloud.requests() if r.listing]) >= seen + 3, "three more listings")
+        daemon.wait_for(
+            lambda: len([r for r in cloud.requests() if r.listing]) >= seen + 3, "three more listings"
+        )
         self.assertEqual(set(others), set(cloud.live_servers()))
         deletes = [r for r in cloud.requests() if r.method == "DELETE"]
         self.assertEqual(len(deletes), len(strays))

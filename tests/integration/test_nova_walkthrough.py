@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from tests.integration.test_nova_harness import BOOT, LIST, NovaTestCase, wait_for
+from tests.integration.test_nova_harness import BOOT, LIST, NovaTestCase
 
 POLL = 2.0  # seconds between listings; the tick is 1 s, so a listing is due every 2 ticks
 
@@ -21,7 +21,7 @@ class WalkthroughTests(NovaTestCase):
         watch = self.watch(daemon)
 
         daemon.set_pool_size(2, 4)
-        status = daemon.wait_states(FREE=2)
+        status = daemon.wait_vms(FREE=2)
         for vm in status["vms"]:
             # the guest announced itself with the per-VM login the driver put into its user-data
             self.assertEqual(vm["identity"], f"vm-{vm['vmid']}")
@@ -38,7 +38,7 @@ class WalkthroughTests(NovaTestCase):
             "a READY VM in the batch",
         )
         handle = daemon.ok("POST", f"/lock/{batch}").text
-        assigned = daemon.wait_for_handle(handle)
+        assigned = daemon.wait_assigned(handle)
         vmid = assigned["vmid"]
         self.assertEqual(assigned["vm"]["state"], "OCCUPIED")
 
@@ -59,7 +59,7 @@ class WalkthroughTests(NovaTestCase):
 
         # what the cloud saw: one listing per poll interval for the whole pool, never a per-VM GET;
         # the walk-through takes seconds, so let a few more poll intervals pass on the steady pool
-        wait_for(lambda: len([r for r in cloud.requests() if r.listing]) >= 6, "six listings", 30)
+        daemon.wait_for(lambda: len([r for r in cloud.requests() if r.listing]) >= 6, "six listings", 30)
         requests = cloud.requests()
         self.assertEqual([r for r in requests if r.per_server_get], [], "no GET /servers/{id}")
         lists = [r for r in requests if r.listing]
@@ -82,7 +82,7 @@ class WalkthroughTests(NovaTestCase):
         self.assertEqual(cloud.servers(), [], "the simulator has no server left")
         # the simulator stopped each guest when its server was deleted
         self.assertTrue(cloud.guest_pids())
-        wait_for(
+        daemon.wait_for(
             lambda: not [pid for pid in cloud.guest_pids() if _running(pid)], "every guest process ended"
         )
         self.assert_answered(watch)
