@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_daemon_harness import Daemon
+from tests.integration.test_daemon_harness import Daemon, running_daemon
 from tests.integration.vmcloud_daemon import Answer
 
 HOME = "https%3A%2F%2Fexample.com%2F"
@@ -24,16 +24,12 @@ UNKNOWN_HANDLE = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("inputs"), "i", netns="no", pool_max_pool_size=4)
-    try:
-        d.start()
+    with running_daemon(tmp_path_factory.mktemp("inputs"), "i", netns="no", pool_max_pool_size=4) as d:
         yield d
         # the module's last word: nothing any test sent made the daemon log a traceback
         log = d.all_logs()
         assert "Traceback" not in log, log
         assert "api-internal-error" not in log and "failed unexpectedly" not in log, log
-    finally:
-        d.cleanup()
 
 
 def refused(answer: Answer, status: int | tuple[int, ...], error: str | None = None) -> dict[str, Any]:

@@ -14,19 +14,15 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_daemon_harness import NEEDS_NETNS, Daemon, netns_available
+from tests.integration.test_daemon_harness import NEEDS_NETNS, Daemon, netns_available, running_daemon
 
 pytestmark = pytest.mark.skipif(not netns_available(), reason=NEEDS_NETNS)
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("pool"), "p")
-    try:
-        d.start()
+    with running_daemon(tmp_path_factory.mktemp("pool"), "p") as d:
         yield d
-    finally:
-        d.cleanup()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_daemon_harness import NEEDS_NETNS, Daemon, netns_available
+from tests.integration.test_daemon_harness import NEEDS_NETNS, Daemon, netns_available, running_daemon
 
 pytestmark = pytest.mark.skipif(not netns_available(), reason=NEEDS_NETNS)
 
@@ -31,12 +31,8 @@ pytestmark = pytest.mark.skipif(not netns_available(), reason=NEEDS_NETNS)
 @pytest.fixture
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     # a long operation timeout: the stopped guest's PREPARE must still be in flight at the crash
-    d = Daemon(tmp_path_factory.mktemp("restart"), "r", pool_timeout_operation=120)
-    try:
-        d.start()
+    with running_daemon(tmp_path_factory.mktemp("restart"), "r", pool_timeout_operation=120) as d:
         yield d
-    finally:
-        d.cleanup()
 
 
 def checkpointed(daemon: Daemon) -> dict[str, str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_daemon_harness import Daemon
+from tests.integration.test_daemon_harness import Daemon, running_daemon
 
 README = Path(__file__).resolve().parents[2] / "README.rst"
 DEFAULT_V = "V=http://127.0.0.1:8080"
@@ -33,12 +33,8 @@ def walkthrough_script(readme: str) -> str:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("walkthrough"), "w")
-    try:
-        d.start()
+    with running_daemon(tmp_path_factory.mktemp("walkthrough"), "w") as d:
         yield d
-    finally:
-        d.cleanup()
 
 
 def test_script_is_found() -> None:
