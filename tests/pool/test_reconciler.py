@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import attrs
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.pool.fakes import CONFIG, World
@@ -168,3 +169,25 @@ class ScaleTests(SynchronousTestCase):
         again = writer.snapshot(state)
         self.assertIs(again["vms"][0], first["vms"][0])
         self.assertLess(seconds, 0.1, f"snapshot took {seconds * 1000:.1f} ms")
+
+
+class StateLineTests(SynchronousTestCase):
+    """A pass's many state changes share a line per kind of change; lone changes keep theirs."""
+
+    def test_a_shutdown_says_one_line_for_all_its_vms(self) -> None:
+        w = World(attrs.evolve(CONFIG, max_pool_size=5))
+        w.pool.set_pool_size(5, 5, 0)
+        w.settle()
+        events: list[dict] = []  # type: ignore[type-arg]
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        w.pool.shutdown()
+        lines = [e for e in events if e.get("event") == "vm-state"]
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(sorted(lines[0]["vmids"]), sorted(vm.vmid for vm in w.vms()))
+        self.assertIn(": FREE -> KILLING (shutting down)", formatEvent(lines[0]))
+        w.driver.answer_deletes()  # answers come one by one: a line each
+        w.turn()
+        gone = [e for e in events if e.get("event") == "vm-state" and e.get("after") == "gone"]
+        self.assertEqual(len(gone), 5)
+        self.assertTrue(all("vmid" in e for e in gone))

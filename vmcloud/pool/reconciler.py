@@ -18,7 +18,8 @@ from __future__ import annotations
 import secrets
 import time
 from collections import deque
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import attrs
@@ -150,8 +151,12 @@ class Reconciler:
         store: ICheckpointStore,
         config: PoolConfig,
         state: PoolState,
+        *,
+        grouping: Callable[[], AbstractContextManager[None]] = nullcontext,
     ) -> None:
         self.clock = clock
+        #: What a pass runs in, so that the lines of its many state changes can be grouped.
+        self._grouping = grouping
         self.driver = driver
         self.channel = channel
         self.store = store
@@ -222,20 +227,8 @@ class Reconciler:
         """Plan, apply and start every action; then checkpoint if anything changed."""
         started = time.perf_counter()
         try:
-            now = self.clock.seconds()
-            actions = plan(self.config, self.state, now)
-            for action in actions:
-                try:
-                    vm = apply(self.state, action, now, self.config)
-                    if isinstance(action, Prepare | Cleanup) and vm is not None:
-                        self._words.append((action, vm.version))
-                    else:
-                        self._carry_out(action, vm, now)
-                except Exception:
-                    log.failure("Could not carry out {action}", action=repr(action))
-                    self._undo(action, now)
-            if self._words and self._words_call is None:
-                self._say_words()
+            with self._grouping():
+                self._plan_and_start()
             self.request_checkpoint()
         except Exception:
             log.failure("A reconcile pass failed; trying again on the next change or tick")
@@ -244,6 +237,22 @@ class Reconciler:
             self.passes += 1
             self.last_pass_seconds = elapsed
             self.slowest_pass_seconds = max(self.slowest_pass_seconds, elapsed)
+
+    def _plan_and_start(self) -> None:
+        """Apply every action's marks; start its effect now, or queue it if it is a guest word."""
+        now = self.clock.seconds()
+        for action in plan(self.config, self.state, now):
+            try:
+                vm = apply(self.state, action, now, self.config)
+                if isinstance(action, Prepare | Cleanup) and vm is not None:
+                    self._words.append((action, vm.version))
+                else:
+                    self._carry_out(action, vm, now)
+            except Exception:
+                log.failure("Could not carry out {action}", action=repr(action))
+                self._undo(action, now)
+        if self._words and self._words_call is None:
+            self._say_words()
 
     def _say_words(self) -> None:
         """Say up to ``WORDS_PER_TURN`` of the words passes marked; the rest next reactor turn.
