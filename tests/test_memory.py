@@ -5,9 +5,11 @@ from __future__ import annotations
 import gc
 import threading
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from vmcloud import memory
+from vmcloud.memory import FreezeSurvivors
 
 
 class CollectionPausedTests(SynchronousTestCase):
@@ -58,3 +60,52 @@ class AllocatorTests(SynchronousTestCase):
             raise self.skipTest("not glibc")
         self.assertTrue(memory.tune_allocator())
         self.assertIsInstance(memory.trim(), bool)
+
+
+class _Reactor(Clock):
+    """A Clock that also runs calls "from threads" at once."""
+
+    def callFromThread(self, f, *args, **kwargs):  # type: ignore[no-untyped-def]
+        f(*args, **kwargs)
+
+
+class FreezeSurvivorsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.addCleanup(gc.unfreeze)
+        self.reactor = _Reactor()
+        self.service = FreezeSurvivors(self.reactor, thaw_interval=60.0)
+        self.service.startService()
+        self.addCleanup(lambda: self.service.running and self.service.stopService())
+
+    def test_survivors_of_a_full_collection_are_frozen(self) -> None:
+        kept = [[] for _ in range(100)]
+        gc.collect(1)
+        self.assertEqual(self.service.freezes, 0)  # young collections freeze nothing
+        gc.collect()
+        self.assertEqual(self.service.freezes, 1)
+        self.assertGreaterEqual(gc.get_freeze_count(), len(kept))
+
+    def test_everything_is_thawed_every_interval(self) -> None:
+        gc.collect()
+        self.assertGreater(gc.get_freeze_count(), 0)
+        self.reactor.advance(60)
+        self.assertEqual(self.service.thaws, 1)
+        self.assertEqual(gc.get_freeze_count(), 0)
+
+    def test_a_thawed_garbage_cycle_is_collected(self) -> None:
+        class Node:
+            pass
+
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # type: ignore[attr-defined]
+        gc.collect()  # a and b survive (we hold them) and are frozen
+        del a, b  # now a frozen garbage cycle
+        self.assertEqual(sum(isinstance(o, Node) for o in gc.get_objects()), 0)  # out of reach
+        self.reactor.advance(60)
+        gc.collect()
+        self.assertFalse([o for o in gc.get_objects() if isinstance(o, Node)])
+
+    def test_stopping_removes_the_callback(self) -> None:
+        self.service.stopService()
+        gc.collect()
+        self.assertEqual(self.service.freezes, 0)
