@@ -12,6 +12,7 @@ import sys
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 
+from vmcloud.pool.snapshot import EncodedRecord
 from vmcloud.store.checkpoint import CheckpointStore, synchronous_dispatch
 
 
@@ -23,7 +24,10 @@ def main(directory: str, generations: int) -> None:
         store.save(
             {
                 "generation": generation,
-                "vms": [{"vmid": f"{i:05d}", "generation": generation, "state": "FREE"} for i in range(2000)],
+                "vms": [
+                    EncodedRecord({"vmid": f"{i:05d}", "generation": generation, "state": "FREE"})
+                    for i in range(2000)
+                ],
             }
         )
         if store.stats().failures:

@@ -20,6 +20,7 @@ from zope.interface.verify import verifyObject
 
 from tests.store.fakes import FailingFileOps, ManualDispatch, RecordingFileOps, raising_dispatch
 from vmcloud.pool.interfaces import ICheckpointStore
+from vmcloud.pool.snapshot import EncodedRecord
 from vmcloud.store.checkpoint import (
     CheckpointStore,
     CheckpointUnreadableError,
@@ -112,6 +113,12 @@ class SaveAndLoadTests(StoreTestCase):
         state = pool_state(3, vms=2000)
         state["handles"] = [{"events": [{"title": "Zürich — 東京 ✓", "n": n} for n in range(600)]}]
         self.store().save(state)
+        self.assertEqual(self.store().load(), state)
+
+    def test_encoded_records_load_back_as_plain_data(self) -> None:
+        """The pool hands its VMs over as records encoded in advance; they load back as objects."""
+        state = pool_state(5, vms=300)
+        self.store().save({**state, "vms": [EncodedRecord(vm) for vm in state["vms"]]})
         self.assertEqual(self.store().load(), state)
 
     def test_stats_describe_the_last_write(self) -> None:
@@ -399,6 +406,39 @@ class EncodingTests(SynchronousTestCase):
             "tuples": (1, (2, 3)),
         }
         self.assertEqual(decode_checkpoint(encode_checkpoint(state, 0))[1], json.loads(json.dumps(state)))
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.dictionaries(st.text(), json_values, max_size=6), st.data())
+    def test_encoded_records_anywhere_make_the_same_bytes(
+        self, state: dict[str, Any], data: st.DataObject
+    ) -> None:
+        """Objects encoded in advance, at any depth and among any members, change no byte of the file."""
+
+        def some_encoded(value: Any) -> Any:
+            if isinstance(value, list):
+                return [some_encoded(v) for v in value]
+            if isinstance(value, dict):
+                if data.draw(st.booleans()):
+                    return EncodedRecord(value)
+                return {k: some_encoded(v) for k, v in value.items()}
+            return value
+
+        mixed = {k: some_encoded(v) for k, v in state.items()}
+        self.assertEqual(encode_checkpoint(mixed, T0), encode_checkpoint(state, T0))
+
+    def test_a_pool_sized_list_of_records_is_joined_as_is(self) -> None:
+        vms = [
+            {"vmid": f"{i:04d}", "state": "FREE", "ips": ["10.0.0.1"], "since": i / 3} for i in range(3000)
+        ]
+        records = [EncodedRecord(vm) for vm in vms]
+        state = {"vms": records, "deep": {"deeper": {"deepest": [*records[:300], {}, 1, *records[:2]]}}}
+        plain = {"vms": vms, "deep": {"deeper": {"deepest": [*vms[:300], {}, 1, *vms[:2]]}}}
+        self.assertEqual(encode_checkpoint(state, T0), encode_checkpoint(plain, T0))
+        # Joined, not encoded again: a record's own bytes reach the file, spaces and all.
+        spaced = EncodedRecord._assembled(b'{"vmid": "x"}')
+        self.assertIn(
+            b'"vms":[{"vmid": "x"},{"vmid":"0000"', encode_checkpoint({"vms": [spaced, *records]}, T0)
+        )
 
     def test_non_string_keys_are_refused(self) -> None:
         self.assertRaises(TypeError, encode_checkpoint, {"vms": {7: "x"}}, 0)

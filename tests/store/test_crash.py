@@ -29,6 +29,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.store.fakes import RecordingFileOps
+from vmcloud.pool.snapshot import EncodedRecord
 from vmcloud.store.checkpoint import (
     CheckpointStore,
     CorruptCheckpointError,
@@ -40,6 +41,7 @@ from vmcloud.store.checkpoint import (
 
 OLD = {"vms": [{"vmid": f"{i:04d}", "state": "FREE"} for i in range(200)], "generation": "old"}
 NEW = {"vms": [{"vmid": f"{i:04d}", "state": "READY"} for i in range(300)], "generation": "new"}
+NEW_SAVED = {**NEW, "vms": [EncodedRecord(vm) for vm in NEW["vms"]]}  # as the pool hands it over
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -204,7 +206,7 @@ class InterruptedWriteTests(SynchronousTestCase):
                     child.remove()
                 if with_old:
                     self.store(RealFileOps()).save(OLD)
-                self.store(CrashAt(k, RealFileOps())).save(NEW)
+                self.store(CrashAt(k, RealFileOps())).save(NEW_SAVED)
                 self.flushLoggedErrors()
                 found = parsed(self.on_disk())
                 expected = [OLD if with_old else None, NEW]
@@ -221,7 +223,7 @@ class InterruptedWriteTests(SynchronousTestCase):
         for k in range(steps + 1):
             disk = SimulatedDisk()
             self.store(disk).save(OLD)
-            self.store(CrashAt(k, disk)).save(NEW)
+            self.store(CrashAt(k, disk)).save(NEW_SAVED)
             self.flushLoggedErrors()
             views = [parsed(content) for content in disk.power_loss_views(self.checkpoint)]
             for found in views:
@@ -237,7 +239,7 @@ class InterruptedWriteTests(SynchronousTestCase):
             disk = SimulatedDisk()
             self.store(disk).save(OLD)
             disk.fsync_works = False
-            self.store(CrashAt(k, disk)).save(NEW)
+            self.store(CrashAt(k, disk)).save(NEW_SAVED)
             self.flushLoggedErrors()
             torn += [k for content in disk.power_loss_views(self.checkpoint) if parsed(content) == "torn"]
         self.assertNotEqual(torn, [])

@@ -10,34 +10,38 @@ that fully reached the disk.  Three things make that safe and cheap at 5,000 VMs
 * **Coalescing.**  At most one write is in flight and at most one snapshot is pending; a save while
   a write is in flight replaces the pending snapshot (newest wins), so a burst of saves costs at
   most two writes.
-* **Off the reactor thread.**  JSON encoding (the costly part) and the file operations run through
-  an injected ``dispatch`` (a dedicated thread pool in production).  The encoder works in small
-  pieces so that the reactor thread gets the GIL back within a switch interval even while a large
-  checkpoint is encoded.
+* **Off the reactor's critical path.**  The file operations, which release the GIL, run through
+  an injected ``dispatch`` (a dedicated thread pool in production), and so does putting the
+  file's bytes together.  The pool hands its big collections over already encoded, as lists of
+  :class:`~vmcloud.pool.snapshot.EncodedRecord` (each record encoded once, when it changed), so
+  that thread only joins bytes: encoding a 5,000-VM pool there held the GIL, which the reactor
+  thread needs too, for ~50 ms per write.
 
 File format (schema 1)::
 
     {"schema": 1, "written": <seconds since the epoch, float>, "state": <the pool's snapshot>}
 
-``state`` is whatever JSON object the pool hands to :meth:`CheckpointStore.save`; the store never
-looks inside it.  The file is compact ASCII JSON ending in a newline, mode 0600 (it holds guest
-credentials).  A file that is not valid JSON, is truncated, lacks a field, or carries another
-schema number is refused: it is moved aside to ``checkpoint.json.corrupt-<UTC timestamp>`` and the
-controller starts clean.  A ``checkpoint.json.tmp`` found on load is what a crash left of an
-unfinished write; it is removed.
+``state`` is whatever JSON object the pool hands to :meth:`CheckpointStore.save` (an encoded
+record is written as its bytes); the store never looks inside it.  The file is compact ASCII
+JSON ending in a newline, mode 0600 (it holds guest credentials).  A file that is not valid
+JSON, is truncated, lacks a field, or carries another schema number is refused: it is moved
+aside to ``checkpoint.json.corrupt-<UTC timestamp>`` and the controller starts clean.  A
+``checkpoint.json.tmp`` found on load is what a crash left of an unfinished write; it is removed.
 
-Contract with the pool: a snapshot handed to ``save`` is encoded later on another thread, so the
-pool builds a fresh structure each time and never mutates it afterwards.
+Contract with the pool: a snapshot handed to ``save`` is written later on another thread, so the
+pool builds a fresh structure each time and never mutates it afterwards (records never change).
 """
 
 from __future__ import annotations
 
 import json
+import operator
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from datetime import UTC, datetime
+from itertools import repeat
 from typing import Any, Protocol, TypeVar
 
 import attrs
@@ -51,6 +55,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from vmcloud.pool.interfaces import ICheckpointStore
+from vmcloud.pool.snapshot import EncodedRecord, encode_json
 
 SCHEMA_VERSION = 1
 """The envelope version this code writes and the only one it reads."""
@@ -166,31 +171,28 @@ REAL_FILE_OPS = RealFileOps()
 
 # --------------------------------------------------------------------------- encoding
 
-# json's C encoder holds the GIL for the whole call: one call on a 5,000-VM snapshot would stall
-# the reactor thread for tens of milliseconds even though it runs on another thread.  So the
-# encoder opens the top levels of the snapshot (state -> "vms" -> ...) and every container with
-# many members, and hands json groups of members sized to produce about _PIECE_CHARS of text per
-# call; between calls the encoding thread passes through the interpreter loop, where it gives the
-# GIL back to the reactor within a switch interval.  A single member that is not opened (one VM
-# record, one handle with its events) is encoded in one call: the pool keeps those bounded.
+# Whatever encodes the checkpoint holds the GIL meanwhile, so the reactor thread waits too: json's
+# C encoder over a whole 5,000-VM pool took ~50 ms.  So the pool hands its big collections over
+# as lists of EncodedRecord, whose JSON it made on the reactor when each record changed; here
+# those are only joined, one copy of the bytes at the end (a few ms at 5,000 VMs).  Any other
+# value (the small rest of the pool's state, or plain data from another caller) goes through the
+# C encoder in short calls: the top levels of the state (state -> "vms" -> ...) and every
+# container with many members are opened, and json gets groups of members sized to produce about
+# _PIECE_CHARS of text per call; between calls the thread passes through the interpreter loop,
+# where it gives up the GIL when the reactor asks for it.  A member that is not opened (a small
+# object, a record nested in one) is encoded in one call.
 _PIECE_CHARS = 32_768
 _OPEN_DEPTH = 2
 _OPEN_MEMBERS = 256  # a container with more members than this is opened at any depth
 _CONTAINERS = (dict, list, tuple)
 
-
-def _json_default(value: object) -> Any:
-    """Let read-only mappings through; refuse the rest with its type name."""
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"a checkpoint cannot hold a {type(value).__name__}: {value!r:.80}")
-
-
-_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_json_default).encode
+_encoded_of = operator.attrgetter("encoded")
 
 
 def _opened(value: object, depth: int) -> bool:
-    """Whether ``value``, at ``depth`` in the snapshot, is encoded piece by piece."""
+    """Whether ``value``, at ``depth`` in the state, is put in the file as pieces of its own."""
+    if isinstance(value, EncodedRecord):
+        return True
     if type(value) in _CONTAINERS or isinstance(value, Mapping | list | tuple):
         return depth < _OPEN_DEPTH or len(value) > _OPEN_MEMBERS  # type: ignore[arg-type]
     return False
@@ -202,54 +204,71 @@ def _key(key: object) -> str:
     return key
 
 
-def _pieces(value: Any, depth: int) -> Iterator[str]:
-    """The JSON text of ``value`` in pieces, each from one short call of the C encoder."""
-    if not _opened(value, depth):
-        yield _dumps(value)
-        return
+def _put(value: Any, depth: int, out: list[bytes]) -> None:
+    """Append the JSON of ``value``, at ``depth`` in the state, to ``out`` in pieces."""
+    if isinstance(value, EncodedRecord):
+        out.append(value.encoded)
+    elif isinstance(value, list | tuple) and value and all(map(isinstance, value, repeat(EncodedRecord))):
+        joined = [b","] * (2 * len(value) - 1)  # records and commas, without a loop in Python
+        joined[::2] = map(_encoded_of, value)
+        out.append(b"[")
+        out += joined
+        out.append(b"]")
+    elif not _opened(value, depth):
+        out.append(encode_json(value).encode("ascii"))
+    else:
+        _put_members(value, depth, out)
+
+
+def _put_members(value: Any, depth: int, out: list[bytes]) -> None:
+    """Append an opened container: its members in groups, each group from one encoder call."""
     is_mapping = isinstance(value, Mapping)
-    yield "{" if is_mapping else "["
-    separator = ""
+    out.append(b"{" if is_mapping else b"[")
+    separator = b""
     group: list[Any] = []
     group_size = 16  # members per call, adapted to the size of what they encode to
 
-    def encode_group() -> str:
+    def put_group() -> None:
         nonlocal group, group_size, separator
-        text = _dumps({_key(k): v for k, v in group} if is_mapping else group)[1:-1]
+        text = encode_json({_key(k): v for k, v in group} if is_mapping else group)[1:-1]
         group_size = max(1, min(4096, group_size * _PIECE_CHARS // max(1, len(text))))
-        group, text, separator = [], separator + text, ","
-        return text
+        out.append(separator + text.encode("ascii"))
+        group, separator = [], b","
 
     for member in value.items() if is_mapping else value:
         if not _opened(member[1] if is_mapping else member, depth + 1):
             group.append(member)
             if len(group) >= group_size:
-                yield encode_group()
+                put_group()
             continue
         if group:
-            yield encode_group()
+            put_group()
         if is_mapping:
-            yield separator + _dumps(_key(member[0])) + ":"
-            yield from _pieces(member[1], depth + 1)
+            out.append(separator + encode_json(_key(member[0])).encode("ascii") + b":")
+            _put(member[1], depth + 1, out)
         else:
-            yield separator
-            yield from _pieces(member, depth + 1)
-        separator = ","
+            out.append(separator)
+            _put(member, depth + 1, out)
+        separator = b","
     if group:
-        yield encode_group()
-    yield "}" if is_mapping else "]"
+        put_group()
+    out.append(b"}" if is_mapping else b"]")
 
 
 def encode_checkpoint(state: Mapping[str, Any], written: float) -> bytes:
     """The file's bytes for ``state``: the schema-1 envelope, compact ASCII JSON, final newline.
 
-    Raises TypeError or ValueError when ``state`` holds something JSON cannot say (a set, NaN,
-    a non-string key).
+    ``state`` is plain JSON data that may hold :class:`EncodedRecord` values (written as they
+    are).  Raises TypeError or ValueError when it holds something JSON cannot say (a set, NaN, a
+    non-string key).
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"a checkpoint's state is a mapping, not a {type(state).__name__}")
-    head = f'{{"schema":{SCHEMA_VERSION},"written":{_dumps(float(written))},"state":'
-    return "".join([head, *_pieces(state, 0), "}\n"]).encode("ascii")
+    head = f'{{"schema":{SCHEMA_VERSION},"written":{encode_json(float(written))},"state":'
+    out = [head.encode("ascii")]
+    _put(state, 0, out)
+    out.append(b"}\n")
+    return b"".join(out)
 
 
 class CorruptCheckpointError(ValueError):
@@ -291,7 +310,7 @@ class CheckpointStats:
     coalesced: int  # snapshots replaced by a newer one before being written
     last_written: float | None  # clock time of the last good write
     last_size: int | None  # bytes
-    last_encode_seconds: float | None  # JSON encoding of the last good write
+    last_encode_seconds: float | None  # making the bytes (joining records, encoding the rest)
     last_write_seconds: float | None  # encoding + file operations of the last good write
     last_error: str | None  # reason of the last failure, None once a write succeeds again
 
@@ -394,10 +413,10 @@ class CheckpointStore:
     def save(self, snapshot: Mapping[str, Any]) -> None:
         """Schedule a write of ``snapshot``; returns at once and never raises.
 
-        The snapshot is encoded later, on another thread: the caller hands over a fresh structure
-        of plain JSON data (dicts, lists, str, int, float, bool, None; string keys) and never
-        mutates it afterwards.  A snapshot still waiting when a newer one arrives is dropped
-        unwritten (newest wins).
+        The snapshot is written later, on another thread: the caller hands over a fresh structure
+        of plain JSON data (dicts, lists, str, int, float, bool, None; string keys) or
+        :class:`~vmcloud.pool.snapshot.EncodedRecord` values, and never mutates it afterwards.
+        A snapshot still waiting when a newer one arrives is dropped unwritten (newest wins).
         """
         self._saved += 1
         if self._pending is not None and self._pending[0] > self._started:
