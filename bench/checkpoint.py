@@ -131,9 +131,11 @@ def report(label: str, times: list[float]) -> None:
     )
 
 
-def cache_bytes(state: PoolState) -> int:
-    """What a writer keeps between snapshots (its per-record cache), by tracemalloc."""
+def cache_figures(state: PoolState) -> tuple[int, int]:
+    """What a writer keeps between snapshots (its per-record cache): bytes by tracemalloc, and
+    objects the garbage collector tracks (each one walked by every full collection)."""
     gc.collect()
+    objects = len(gc.get_objects())
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -143,15 +145,19 @@ def cache_bytes(state: PoolState) -> int:
         kept = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
+    tracked = len(gc.get_objects()) - objects
     del writer
-    return kept
+    return kept, tracked
 
 
 def pool_figures(state: PoolState, runs: int) -> None:
     """The pool's side of a checkpoint: the writer's cache and snapshot() on the reactor thread."""
     vms = len(state.vms)
-    kept = cache_bytes(state)
-    print(f"  snapshot cache: {kept:,} bytes ({kept / vms:,.0f} bytes per VM, handles included)")
+    kept, tracked = cache_figures(state)
+    print(
+        f"  snapshot cache: {kept:,} bytes ({kept / vms:,.0f} bytes per VM, handles included),"
+        f" {tracked:,} objects tracked by the GC"
+    )
     report("snapshot(), cold cache (every record)", measure(lambda: SnapshotWriter().snapshot(state), runs))
     writer = SnapshotWriter()
     writer.snapshot(state)
