@@ -281,7 +281,11 @@ def memory_census(directory: str) -> dict[str, Any]:
     """
     import gc
 
-    gc.collect()
+    # the daemon freezes long-lived objects (vmcloud.memory.FreezeSurvivors): gc.get_objects()
+    # does not list frozen ones, so thaw them for the census and freeze them again after
+    frozen = gc.get_freeze_count()
+    gc.unfreeze()
+    unreachable = gc.collect()
     counts: dict[str, list[int]] = {}
     seen: set[int] = set()
 
@@ -304,12 +308,16 @@ def memory_census(directory: str) -> dict[str, Any]:
                 seen.add(id(ref))
                 add(ref)
     del tracked
+    if frozen:
+        gc.freeze()
     text = _allocator_stats(directory)
     total_at = text.find("Total (incl. mmap):")
     with open("/proc/self/statm") as f:
         rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return {
         "types": counts,
+        "frozen": frozen,
+        "unreachable": unreachable,
         "rss": rss,
         "malloc_system": _number_after(text, "system bytes", total_at),
         "malloc_in_use": _number_after(text, "in use bytes", total_at),
