@@ -109,3 +109,8 @@ class FreezeSurvivorsTests(SynchronousTestCase):
         self.service.stopService()
         gc.collect()
         self.assertEqual(self.service.freezes, 0)
+
+    def test_full_collections_come_more_often_while_it_runs(self) -> None:
+        self.assertEqual(gc.get_threshold()[2], 2)
+        self.service.stopService()
+        self.assertEqual(gc.get_threshold()[2], 10)
