@@ -184,11 +184,19 @@ class PoolState:
             self._released[vmid] = None
         elif old is not None and old.released:
             self._released.pop(vmid, None)
-        _reindex(self._by_server, old, vm, lambda v: (v.server_id,))
-        _reindex(self._by_login, old, vm, lambda v: (v.login,))
-        _reindex(self._by_identity, old, vm, lambda v: (v.identity,))
-        _reindex(self._by_mac, old, vm, lambda v: tuple(normalize_mac(m) for m in v.macs))
-        _reindex(self._by_ip, old, vm, lambda v: v.ips)
+        if (
+            old is None
+            or old.server_id != vm.server_id
+            or old.login != vm.login
+            or old.identity != vm.identity
+            or old.macs != vm.macs
+            or old.ips != vm.ips
+        ):  # most changes are of state alone: a 500-VM batch must not rebuild five index entries each
+            _reindex(self._by_server, old, vm, lambda v: (v.server_id,))
+            _reindex(self._by_login, old, vm, lambda v: (v.login,))
+            _reindex(self._by_identity, old, vm, lambda v: (v.identity,))
+            _reindex(self._by_mac, old, vm, lambda v: tuple(normalize_mac(m) for m in v.macs))
+            _reindex(self._by_ip, old, vm, lambda v: v.ips)
         if self.on_transition is not None and (old is None or old.state is not vm.state):
             self.on_transition(old, vm)
         return vm
