@@ -45,13 +45,14 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
 PROFILE_ENV = "VMCLOUD_BENCH_CPROFILE"
 TRACEMALLOC_ENV = "VMCLOUD_BENCH_TRACEMALLOC"
 SWITCH_ENV = "VMCLOUD_BENCH_SWITCH_INTERVAL"
+GEN2_ENV = "VMCLOUD_BENCH_GEN2"
 MEMORY_ENV = "VMCLOUD_BENCH_MEMORY"
 LAG_INTERVAL = 0.01
 LONG_CALL = 0.01
@@ -328,6 +329,53 @@ def memory_census(directory: str) -> dict[str, Any]:
     }
 
 
+SLOW_PASS = 0.010
+
+
+def _explain_slow_passes(probe: Probe, run_pass: Callable[..., Any]) -> Callable[..., Any]:
+    """A pass over SLOW_PASS of CPU leaves a line in ``slow-passes.txt``: its actions, its collections."""
+    import gc
+
+    from vmcloud.pool import reconciler
+
+    planned: list[Any] = []
+    original_plan = reconciler.plan
+
+    def plan(*args: Any) -> Any:
+        actions = original_plan(*args)
+        planned.append(actions)
+        return actions
+
+    reconciler.plan = plan  # type: ignore[assignment]
+    collections: list[int] = [0, 0, 0]
+
+    def count(phase: str, info: dict[str, Any]) -> None:
+        if phase == "stop":
+            collections[info["generation"]] += 1
+
+    gc.callbacks.append(count)
+
+    def wrapper(self: Any) -> Any:
+        planned.clear()
+        before = list(collections)
+        cpu, wall = time.thread_time(), time.perf_counter()
+        try:
+            return run_pass(self)
+        finally:
+            cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+            if cpu > SLOW_PASS:
+                kinds = Counter(type(a).__name__ for actions in planned for a in actions)
+                gcs = [a - b for a, b in zip(collections, before, strict=True)]
+                with open(os.path.join(probe.directory, "slow-passes.txt"), "a") as f:
+                    f.write(
+                        f"{probe.phase} cpu {cpu * 1000:.1f} ms wall {wall * 1000:.1f} ms"
+                        f" actions {dict(kinds)} collections gen0/1/2 {gcs}"
+                        f" words queued {len(self._words)}\n"
+                    )
+
+    return wrapper
+
+
 def install(probe: Probe) -> None:
     """Wrap the methods the probe times; nothing else of the daemon changes."""
     from vmcloud.pool.reconciler import Reconciler
@@ -335,7 +383,7 @@ def install(probe: Probe) -> None:
     from vmcloud.pool.state import PoolState
     from vmcloud.store.checkpoint import CheckpointStore
 
-    Reconciler.run_pass = probe.timed("pass", Reconciler.run_pass)  # type: ignore[method-assign]
+    Reconciler.run_pass = probe.timed("pass", _explain_slow_passes(probe, Reconciler.run_pass))  # type: ignore[method-assign]
     Reconciler.tick = probe.timed("tick", Reconciler.tick)  # type: ignore[method-assign]
     Reconciler.checkpoint = probe.timed("snapshot", Reconciler.checkpoint)  # type: ignore[method-assign]
     PoolState.observe_servers = probe.timed("observe", PoolState.observe_servers)  # type: ignore[method-assign]
@@ -354,8 +402,17 @@ def install(probe: Probe) -> None:
 
     collecting: list[tuple[float, float]] = []
 
+    census_of_old = int(os.environ.get(GEN2_ENV, "0") or 0)
+
     def collection(phase: str, info: dict[str, Any]) -> None:
+        nonlocal census_of_old
         if phase == "start":
+            if census_of_old and info["generation"] == 2 and probe.phase == "steady":
+                # what a full collection is about to walk: the oldest generation, by type
+                census_of_old -= 1
+                kinds = Counter(type(o).__qualname__ for o in gc.get_objects(2))
+                with open(os.path.join(probe.directory, "gen2.txt"), "a") as f:
+                    f.write(f"{sum(kinds.values())} objects: {kinds.most_common(25)}\n")
             collecting.append((time.thread_time(), time.perf_counter()))
         elif collecting:
             cpu, wall = collecting.pop()
