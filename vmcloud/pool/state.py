@@ -57,6 +57,7 @@ class PoolState:
         "_by_mac",
         "_by_server",
         "_by_state",
+        "_capabilities",
         "_pending_by_batch",
         "_released",
         "_slots",
@@ -96,6 +97,8 @@ class PoolState:
         self.guests: dict[str, GuestInfo] = {}
         #: Guests that said HELLO but matched no VM yet, with the time they did.
         self.unmatched: dict[str, tuple[GuestInfo, float]] = {}
+        #: One tuple per distinct set of guest capabilities, shared by every VM saying it.
+        self._capabilities: dict[tuple[str, ...], tuple[str, ...]] = {}
         self.shutting_down = False
         self.next_vmid = 1
         self.next_batch = 1
@@ -440,12 +443,13 @@ class PoolState:
         vm = self.vms[vmid]
         if not vm.alive:
             return vm
+        # 5,000 VMs say the same few things: share one copy of each (a few hundred bytes a VM)
         known = attrs.evolve(
             vm,
-            identity=guest.identity,
-            mac=guest.mac,
-            ip=guest.ip,
-            capabilities=tuple(guest.capabilities),
+            identity=_same(guest.identity, vm.login),
+            mac=_same(guest.mac, *vm.macs),
+            ip=_same(guest.ip, *vm.ips),
+            capabilities=self._shared_capabilities(guest.capabilities),
             recovering=False,
         )
         if vm.state is VMState.BOOTING:
@@ -453,6 +457,12 @@ class PoolState:
         if known != vm:
             return self.put(known)
         return vm
+
+    def _shared_capabilities(self, capabilities: Iterable[str]) -> tuple[str, ...]:
+        key = tuple(capabilities)
+        if len(self._capabilities) >= 64 and key not in self._capabilities:
+            return key  # a bounded cache: odd guests cannot grow it without end
+        return self._capabilities.setdefault(key, key)
 
     def guest_gone(self, identity: str, reason: str, now: float) -> VM | None:
         self.unmatched.pop(identity, None)
@@ -532,6 +542,14 @@ class PoolState:
 
     def stray_deleted(self, server_id: str) -> None:
         self.strays.pop(server_id, None)
+
+
+def _same(value: str | None, *known: str | None) -> str | None:
+    """``value``, as the very object of an equal string already held (else itself)."""
+    for candidate in known:
+        if candidate is not None and candidate == value:
+            return candidate
+    return value
 
 
 def _slot(vm: VM | None) -> tuple[VMState, str | None] | None:
