@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 
 import stomper
@@ -66,6 +67,18 @@ class FramingTests(SynchronousTestCase):
         self.assertEqual(decoder.feed(HEARTBEAT * 3), [])
         self.assertEqual(decoder.bytes_received, 3)
         self.assertEqual(decoder.buffered, 0)
+
+    def test_nothing_of_a_finished_frame_stays_in_the_decoder(self) -> None:
+        """A server keeps a decoder per idle connection: the last frame must not live on in it."""
+        for data in (
+            b"SEND\ndestination:/q\nx-long:" + b"v" * 500 + b"\n\nbody\x00",
+            b"SEND\r\nx:1\r\n\r\n\x00",
+        ):
+            decoder = Decoder()
+            [frame] = decoder.feed(data)
+            held = gc.get_referents(decoder)
+            self.assertFalse(any(ref is frame.headers or ref is frame.body for ref in held))
+            self.assertFalse(any(isinstance(ref, dict) and ref for ref in held))
 
     def test_crlf_in_1_2(self) -> None:
         [frame] = decode_all(b"SEND\r\ndestination:/q\r\nreceipt:7\r\n\r\nbody\x00")

@@ -89,6 +89,10 @@ class Limits:
 
 _HEAD, _HEADERS, _BODY = 0, 1, 2
 
+#: What a decoder holds between frames instead of headers; never written to (each frame's
+#: headers go into a fresh dict).
+_NO_HEADERS: dict[str, str] = {}
+
 
 class Decoder:
     """Turns a byte stream into frames, across any split of the stream into reads.
@@ -102,6 +106,23 @@ class Decoder:
     owner sets ``version`` and calls ``feed(b"")`` to go on.
     """
 
+    # A server holds one decoder per connection for as long as the connection lives: slots keep
+    # it small, and nothing of a finished frame stays behind (see :meth:`_finish`).
+    __slots__ = (
+        "_buf",
+        "_command",
+        "_header_count",
+        "_headers",
+        "_length",
+        "_pos",
+        "_scan",
+        "_state",
+        "bytes_received",
+        "hold_after_connect",
+        "limits",
+        "version",
+    )
+
     def __init__(self, limits: Limits = Limits(), *, hold_after_connect: bool = False) -> None:
         self.limits = limits
         self.version = "1.2"
@@ -113,7 +134,7 @@ class Decoder:
         self._scan = 0  # where the search for the body's NUL resumes
         self._state = _HEAD
         self._command = ""
-        self._headers: dict[str, str] = {}
+        self._headers: dict[str, str] = _NO_HEADERS
         self._header_count = 0
         self._length: int | None = None
 
@@ -331,8 +352,14 @@ class Decoder:
         return body
 
     def _finish(self, body: bytes) -> Frame:
+        """The frame just parsed; the decoder lets go of its parts (an idle connection's decoder
+        would otherwise keep its last frame's headers alive until the next frame)."""
+        frame = Frame.adopting(self._command, self._headers, body)
         self._state = _HEAD
-        return Frame.adopting(self._command, self._headers, body)
+        self._command = ""
+        self._headers = _NO_HEADERS
+        self._length = None
+        return frame
 
     def _line(self) -> bytes | None:
         """The next line (without its LF) from the buffer, or None until it is complete.
