@@ -302,14 +302,15 @@ class ErrorTests(SynchronousTestCase):
 
     def test_error_closes_after_flush_and_aborts_a_peer_that_never_reads(self) -> None:
         clock = Clock()
-        client = Client(make_broker(clock))
+        broker = make_broker(clock)
+        client = Client(broker)
         client.send_frame("FROB")
         self.assertTrue(client.closing)
         clock.advance(5)
         self.assertTrue(client.transport.disconnecting)
-        self.assertEqual(client.protocol.factory.connections, {client.protocol})
+        self.assertEqual(broker.stats().connections, 1)
         client.lose()
-        self.assertEqual(client.protocol.factory.connections, set())
+        self.assertEqual(broker.stats().connections, 0)
 
     def test_nothing_is_processed_after_an_error(self) -> None:
         self.client.write(b"FROB\n\n\x00SEND\ndestination:/topic/t\n\nlost\x00")
@@ -471,6 +472,30 @@ class HeartBeatTests(SynchronousTestCase):
         self.assertFalse(client.closing)
         self.clock.pump([0.25] * 6)  # 6 s: between 2.5 and 3 intervals
         self.assertEqual(client.error().headers["message"], "heart-beat timeout")
+
+    def test_silence_is_counted_from_the_last_byte(self) -> None:
+        client = Client(self.broker)
+        client.connect(heart_beat="1000,0")  # dropped after 2.5 s of silence
+        self.clock.advance(2)
+        client.write(b"\n")
+        self.clock.advance(2.4)
+        self.assertFalse(client.closing)
+        self.clock.advance(0.1)
+        self.assertEqual(client.error().headers["message"], "heart-beat timeout")
+
+    def test_one_timed_call_beats_for_every_connection(self) -> None:
+        clients = [Client(self.broker) for _ in range(20)]
+        for client in clients:
+            client.connect(heart_beat="0,1000")  # wants a beat every second
+            self.clock.advance(0.01)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(1)
+        self.assertEqual({c.transport.value() for c in clients}, {b"\n"})
+        clients[3].lose()
+        self.clock.pump([0.5] * 4)
+        self.assertEqual(clients[3].transport.value(), b"\n")
+        self.assertEqual({c.transport.value() for c in clients if c is not clients[3]}, {b"\n\n\n"})
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
 
     def test_clients_without_heartbeats_are_never_dropped(self) -> None:
         client = Client(self.broker)

@@ -64,7 +64,7 @@ class Broker:
 
     def stats(self) -> BrokerStats:
         """Connections, subscriptions, stored and un-acked messages, paused publishers, drops."""
-        return self.realm.stats(len(self._factory.connections))
+        return self.realm.stats(self._factory.connections)
 
     def _revoked(self, login: str) -> None:
         dropped = self._factory.drop_identity(login, "credentials revoked")

@@ -29,7 +29,7 @@ class LocalSession:
     def __init__(self, realm: Realm, name: str) -> None:
         self.name = name
         self._realm = realm
-        self._peer = realm.attach(self, f"local:{name}")
+        self._peer = realm.attach(self)
         self._callbacks: dict[str, Callable[[Frame], None]] = {}
         self._ids = itertools.count(1)
         self._closed = False

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import importlib.metadata
 import itertools
+import math
 import typing
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from vmcloud.broker.auth import IStompAvatar, StompLogin
+from vmcloud.broker.heartbeats import Heartbeats
 from vmcloud.broker.limits import BrokerLimits
 from vmcloud.broker.realm import (
     AckMode,
@@ -77,6 +79,10 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
+#: States in which frames are handled, or kept to be handled once the login is through.
+_HANDLING = frozenset({_State.AWAIT_CONNECT, _State.AUTHENTICATING, _State.CONNECTED})
+
+
 class _Transaction:
     __slots__ = ("frames", "size")
 
@@ -105,12 +111,48 @@ def _short(text: str, limit: int = 64) -> str:
 
 @implementer(IBrokerClient, IPushProducer)
 class StompServerProtocol(Protocol):
-    """One client connection to the embedded broker."""
+    """One client connection to the embedded broker.
+
+    The broker holds one per guest for as long as the guest runs, so what one holds is what the
+    broker costs per VM: attributes live in slots (Twisted's ``transport`` and ``connected``
+    too, or the instance grows a dict), what most connections never need (frames waiting behind
+    a pause, transactions, cached MESSAGE heads) is created on first use, what is only logged
+    (the peer's address) is worked out when logged, and heart-beats are kept by the factory's
+    :class:`~vmcloud.broker.heartbeats.Heartbeats` rather than by timed calls of their own.
+    """
+
+    __slots__ = (
+        "_heads",
+        "_heard_at",
+        "_inbox",
+        "_last_write",
+        "_out_interval",
+        "_process_pending",
+        "_reading_paused",
+        "_registered",
+        "_silence_limit",
+        "_timer",
+        "_transactions",
+        "avatar",
+        "connected",
+        "decoder",
+        "factory",
+        "limits",
+        "out",
+        "peer",
+        "scheduled",
+        "state",
+        "transport",
+        "version",
+        "wake_at",
+    )
 
     local = False
 
     def __init__(self, factory: StompServerFactory) -> None:
         self.factory = factory
+        self.transport: typing.Any = None
+        self.connected = 0
         self.out: _Transport
         self.limits = factory.limits
         self.decoder = Decoder(factory.limits.frame, hold_after_connect=True)
@@ -118,42 +160,60 @@ class StompServerProtocol(Protocol):
         self.state = _State.AWAIT_CONNECT
         self.avatar: IStompAvatar | None = None
         self.peer: Peer | None = None
-        self.address = "?"
-        self.session_id = ""
-        self._inbox: deque[Frame] = deque()
+        #: frames decoded but not handled yet (reading is paused, or the login is not through)
+        self._inbox: deque[Frame] | None = None
         self._reading_paused = False
         self._registered = False
-        self._transactions: dict[str, _Transaction] = {}
-        self._last_write = 0.0
+        self._transactions: dict[str, _Transaction] | None = None
+        #: heart-beats: seconds between beats we send (0: none), the last time we wrote; seconds
+        #: of silence after which the peer is dropped (0: never), the last time it was heard
         self._out_interval = 0.0
-        self._in_interval = 0.0
-        self._heard_bytes = 0
+        self._last_write = 0.0
+        self._silence_limit = 0.0
         self._heard_at = 0.0
+        #: the factory's :class:`Heartbeats` keeps these
+        self.wake_at = 0.0
+        self.scheduled = False
         self._timer: IDelayedCall | None = None  # CONNECT timeout, then the close timeout
-        self._beat_call: IDelayedCall | None = None
-        self._check_call: IDelayedCall | None = None
         self._process_pending = False  # queued in the factory's next batch of resumed readers
-        #: headers stamped on every message a guest sends: who it logged in as
-        self._stamp: Mapping[str, str] | None = None
-        #: encoded MESSAGE heads per subscription (see :meth:`deliver`)
-        self._heads: dict[Subscription, object] = {}
+        #: encoded MESSAGE heads per subscription, for full-access peers (see :meth:`deliver`)
+        self._heads: dict[Subscription, tuple[bytes, bytes] | None] | None = None
+
+    def __lt__(self, other: StompServerProtocol) -> bool:
+        """Order by the next heart-beat wake-up (the factory's :class:`Heartbeats` is a heap)."""
+        return self.wake_at < other.wake_at
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the peer, for log lines (worked out when asked: only logs need it)."""
+        transport = self.transport
+        if transport is None:
+            return "?"
+        try:
+            peer = transport.getPeer()
+        except Exception:
+            return "?"
+        host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+        return f"{host}:{port}" if host is not None else str(peer)
+
+    @property
+    def name(self) -> str:
+        """IBrokerClient: who this is in the realm's log lines."""
+        identity = self.avatar.identity if self.avatar is not None else "?"
+        return f"{identity}@{self.address}"
 
     # -- connection life
 
     def connectionMade(self) -> None:  # noqa: N802
         factory = self.factory
         self.out = typing.cast(_Transport, self.transport)
-        peer = self.out.getPeer()
-        host, port = getattr(peer, "host", None), getattr(peer, "port", None)
-        self.address = f"{host}:{port}" if host is not None else str(peer)
-        self.session_id = f"session-{next(factory.session_ids)}"
-        factory.connections.add(self)
+        factory.connections += 1
         self.out.registerProducer(self, True)
         self._registered = True
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)  # frames are whole messages: Nagle only adds latency
-        if len(factory.connections) > self.limits.max_connections:
+        if factory.connections > self.limits.max_connections:
             log.warn(
                 "Refusing STOMP connection from {address}: {limit} connections already",
                 address=self.address,
@@ -168,8 +228,8 @@ class StompServerProtocol(Protocol):
         was = self.state
         self.state = _State.CLOSED
         self._cancel_timers()
-        self._inbox.clear()
-        self._transactions.clear()
+        self._inbox = None
+        self._transactions = None
         self.factory.forget(self)
         if self.peer is not None:
             self.factory.realm.detach(self.peer)
@@ -184,37 +244,75 @@ class StompServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.state is _State.CLOSING or self.state is _State.CLOSED:
             return
+        if self._silence_limit:
+            self._heard_at = self.factory.clock.seconds()
         try:
             frames = self.decoder.feed(data)
         except ProtocolError as e:
             self._fail(e.message)
             return
-        self._inbox.extend(frames)
-        self._process()
+        if frames or self._inbox:
+            self._process(frames)
 
     # -- frames
 
-    def _process(self) -> None:
+    def _process(self, frames: list[Frame] | None = None) -> None:
+        """Handle ``frames`` after those already waiting, until reading is paused or the
+        connection is not in a state to handle frames; keep what is left for later.
+
+        Frames go straight from the decoder's list to their handlers; the inbox (a deque) exists
+        only while frames wait.
+        """
         self._process_pending = False
         inbox = self._inbox
+        if inbox is None:
+            if not frames:
+                return
+            done = 0
+            for frame in frames:
+                if self._reading_paused or not self._handle_one(frame):
+                    break
+                done += 1
+            if done < len(frames) and self._can_handle():
+                rest = frames[done:]
+                if self._inbox is None:
+                    self._inbox = deque(rest)
+                else:  # frames queued meanwhile (by a login during the loop) come after these
+                    self._inbox.extendleft(reversed(rest))
+            return
+        if frames:
+            inbox.extend(frames)
         while inbox and not self._reading_paused:
             if self.state is not _State.AWAIT_CONNECT and self.state is not _State.CONNECTED:
-                return
-            frame = inbox.popleft()
-            try:
-                self._handle(frame)
-            except ProtocolError as e:
-                self._fail(e.message, frame)
-                return
-            except Exception:
-                log.failure(
-                    "Internal error handling a {command} frame from {address}",
-                    command=_short(frame.command),
-                    address=self.address,
-                    event="broker-internal-error",
-                )
-                self._fail("internal broker error", frame)
-                return
+                break
+            if not self._handle_one(inbox.popleft()):
+                break
+        if not inbox and self._inbox is inbox:
+            self._inbox = None
+
+    def _can_handle(self) -> bool:
+        """Whether frames may be handled now or later (not once the connection is closing)."""
+        return self.state in _HANDLING
+
+    def _handle_one(self, frame: Frame) -> bool:
+        """Handle one frame; False when it was not handled, or when handling must stop after it."""
+        if self.state is not _State.AWAIT_CONNECT and self.state is not _State.CONNECTED:
+            return False
+        try:
+            self._handle(frame)
+        except ProtocolError as e:
+            self._fail(e.message, frame)
+            return False
+        except Exception:
+            log.failure(
+                "Internal error handling a {command} frame from {address}",
+                command=_short(frame.command),
+                address=self.address,
+                event="broker-internal-error",
+            )
+            self._fail("internal broker error", frame)
+            return False
+        return True
 
     def _handle(self, frame: Frame) -> None:
         command = frame.command
@@ -288,16 +386,20 @@ class StompServerProtocol(Protocol):
             return  # the connection went away meanwhile
         _interface, avatar, _logout = result
         self.avatar = avatar
-        if not avatar.full_access:
-            self._stamp = {"user-id": avatar.identity, LOGIN_HEADER: avatar.identity}
         self.state = _State.CONNECTED
         self._cancel_timer()
         factory = self.factory
-        self.peer = factory.realm.attach(self, f"{avatar.identity}@{self.address}")
-        if avatar.full_access and hasattr(self.out, "bufferSize"):  # a TCP transport
-            self.out.bufferSize = self.limits.full_access_buffer_bytes
+        self.peer = factory.realm.attach(self)
+        if avatar.full_access:
+            self._heads = {}
+            if hasattr(self.out, "bufferSize"):  # a TCP transport
+                self.out.bufferSize = self.limits.full_access_buffer_bytes
         factory.logged_in(self, avatar)
-        headers = {"version": self.version, "session": self.session_id, "server": factory.server}
+        headers = {
+            "version": self.version,
+            "session": f"session-{next(factory.session_ids)}",
+            "server": factory.server,
+        }
         if self.version != "1.0":
             limits = self.limits
             cx, cy = beats
@@ -314,11 +416,11 @@ class StompServerProtocol(Protocol):
             event="broker-connect",
         )
         try:
-            self._inbox.extend(self.decoder.feed(b""))
+            frames = self.decoder.feed(b"")
         except ProtocolError as e:
             self._fail(e.message)
             return
-        self._process()
+        self._process(frames)
 
     def _login_failed(self, failure: Failure, login: str) -> None:
         if self.state is not _State.AUTHENTICATING:
@@ -344,10 +446,14 @@ class StompServerProtocol(Protocol):
             self._publish(frame)
 
     def _publish(self, frame: Frame) -> None:
-        assert self.avatar is not None and self.peer is not None
+        avatar = self.avatar
+        assert avatar is not None and self.peer is not None
         headers = frame.headers
+        # A guest's messages say who it logged in as (built per message: kept, it would cost
+        # every guest connection a dict for as long as it lives).
+        stamp = None if avatar.full_access else {"user-id": avatar.identity, LOGIN_HEADER: avatar.identity}
         try:
-            self.factory.realm.send(self.peer, headers["destination"], headers, frame.body, self._stamp)
+            self.factory.realm.send(self.peer, headers["destination"], headers, frame.body, stamp)
         except RealmError as e:
             raise ProtocolError(str(e)) from None
 
@@ -383,7 +489,7 @@ class StompServerProtocol(Protocol):
             if sub_id is None:
                 return
         subscription = self.peer.subscriptions.get(sub_id)
-        if subscription is not None:
+        if subscription is not None and self._heads:
             self._heads.pop(subscription, None)
         self.factory.realm.unsubscribe(self.peer, sub_id)
 
@@ -403,11 +509,14 @@ class StompServerProtocol(Protocol):
 
     def _begin(self, frame: Frame) -> None:
         tx = self._transaction_id(frame)
-        if tx in self._transactions:
+        transactions = self._transactions
+        if transactions is None:
+            transactions = self._transactions = {}
+        if tx in transactions:
             raise ProtocolError(f"transaction {_short(tx)} is already open")
-        if len(self._transactions) >= self.limits.max_transactions:
+        if len(transactions) >= self.limits.max_transactions:
             raise ProtocolError(f"more than {self.limits.max_transactions} open transactions")
-        self._transactions[tx] = _Transaction()
+        transactions[tx] = _Transaction()
 
     def _commit(self, frame: Frame) -> None:
         transaction = self._pop_transaction(frame)
@@ -421,7 +530,7 @@ class StompServerProtocol(Protocol):
         self._pop_transaction(frame)
 
     def _disconnect(self, frame: Frame) -> None:
-        self._transactions.clear()
+        self._transactions = None
         receipt = frame.headers.get("receipt")
         if receipt is not None:
             self._receipt(receipt)
@@ -452,7 +561,8 @@ class StompServerProtocol(Protocol):
 
     def _pop_transaction(self, frame: Frame) -> _Transaction:
         tx = self._transaction_id(frame)
-        transaction = self._transactions.pop(tx, None)
+        transactions = self._transactions
+        transaction = transactions.pop(tx, None) if transactions else None
         if transaction is None:
             raise ProtocolError(f"unknown transaction {_short(tx)}")
         return transaction
@@ -462,7 +572,8 @@ class StompServerProtocol(Protocol):
         tx = frame.headers.get("transaction")
         if tx is None:
             return False
-        transaction = self._transactions.get(tx)
+        transactions = self._transactions
+        transaction = transactions.get(tx) if transactions else None
         if transaction is None:
             raise ProtocolError(f"unknown transaction {_short(tx)}")
         limits = self.limits
@@ -494,7 +605,9 @@ class StompServerProtocol(Protocol):
 
         The bytes are what ``encode`` makes of the frame, put together from pieces encoded once:
         the message's user headers (once per STOMP version, shared by every subscriber) and this
-        subscription's destination and id.  Headers a 1.0 peer cannot receive take the slow path.
+        subscription's destination and id (cached for full-access peers, which take every guest's
+        messages; a guest gets a request now and then, and its head is quicker made than kept).
+        Headers a 1.0 peer cannot receive take the slow path.
         """
         version = self.version
         wire = message.wire
@@ -505,9 +618,13 @@ class StompServerProtocol(Protocol):
             except ValueError:
                 user = None
             wire[version] = user
-        head = self._heads.get(subscription, _UNENCODED)
-        if head is _UNENCODED:
-            head = self._heads[subscription] = _message_head(subscription, version)
+        heads = self._heads
+        if heads is None:
+            head = _message_head(subscription, version)
+        else:
+            head = heads.get(subscription, _UNENCODED)  # type: ignore[arg-type]
+            if head is _UNENCODED:
+                head = heads[subscription] = _message_head(subscription, version)
         if user is None or head is None:
             return self._write(_message_frame(subscription, message))
         assert isinstance(user, bytes) and isinstance(head, tuple)
@@ -550,7 +667,7 @@ class StompServerProtocol(Protocol):
         """Stop everything and close the connection after flushing what was written."""
         self.state = _State.CLOSING
         self._cancel_timers()
-        self._inbox.clear()
+        self._inbox = None
         if self.peer is not None:
             self.factory.realm.detach(self.peer)
         transport = self.out
@@ -578,12 +695,14 @@ class StompServerProtocol(Protocol):
             return
         self._reading_paused = True
         self.out.pauseProducing()
+        self._heard_now()
 
     def resume_reading(self) -> None:
         if not self._reading_paused or self.state is not _State.CONNECTED:
             return
         self._reading_paused = False
         self.out.resumeProducing()
+        self._heard_now()
         if self._inbox and not self._process_pending:
             self._process_pending = True
             self.factory.process_soon(self)
@@ -608,46 +727,58 @@ class StompServerProtocol(Protocol):
         self._fail(f"no CONNECT within {self.limits.connect_timeout:g} s")
 
     def _start_heartbeats(self, out_ms: int, in_ms: int) -> None:
-        clock = self.factory.clock
-        if out_ms:
-            self._out_interval = out_ms / 1000
-            self._last_write = clock.seconds()
-            self._beat_call = clock.callLater(self._out_interval, self._beat)
-        if in_ms:
-            self._in_interval = in_ms / 1000
-            self._heard_bytes = self.decoder.bytes_received
-            self._heard_at = clock.seconds()
-            self._check_call = clock.callLater(self._in_interval / 2, self._check_heard)
-
-    def _beat(self) -> None:
-        """Send an EOL unless something went out within the interval; come back when due."""
-        clock = self.factory.clock
-        now = clock.seconds()
-        due = self._last_write + self._out_interval
-        if now >= due - 0.001:
-            self.out.write(HEARTBEAT)
-            self._last_write = now
-            due = now + self._out_interval
-        self._beat_call = clock.callLater(due - now, self._beat)
-
-    def _check_heard(self) -> None:
-        clock = self.factory.clock
-        now = clock.seconds()
-        self._check_call = None
-        if self.decoder.bytes_received != self._heard_bytes or self._reading_paused:
-            self._heard_bytes = self.decoder.bytes_received
-            self._heard_at = now
-        elif now - self._heard_at >= self.limits.heartbeat_grace * self._in_interval:
-            log.info(
-                "Dropping STOMP {identity} at {address}: silent for {silence:.1f} s",
-                identity=self.avatar.identity if self.avatar is not None else None,
-                address=self.address,
-                silence=now - self._heard_at,
-                event="broker-heartbeat-timeout",
-            )
-            self._fail("heart-beat timeout")
+        """Beat every ``out_ms`` and drop the peer after ``heartbeat_grace`` times ``in_ms`` of
+        silence (0: not at all), woken by the factory's :class:`Heartbeats`."""
+        if not out_ms and not in_ms:
             return
-        self._check_call = clock.callLater(self._in_interval / 2, self._check_heard)
+        factory = self.factory
+        now = factory.clock.seconds()
+        wake = math.inf
+        if out_ms:
+            self._out_interval = factory.shared_float(out_ms / 1000)
+            self._last_write = now
+            wake = now + self._out_interval
+        if in_ms:
+            self._silence_limit = factory.shared_float(self.limits.heartbeat_grace * in_ms / 1000)
+            self._heard_at = now
+            wake = min(wake, now + self._silence_limit)
+        factory.heartbeats.add(self, wake)
+
+    def wake(self, now: float) -> float | None:
+        """Heartbeats: beat unless something went out within the interval, drop the peer if it
+        has been silent too long; say when to come back."""
+        if self.state is not _State.CONNECTED:
+            return None
+        wake = math.inf
+        if self._out_interval:
+            due = self._last_write + self._out_interval
+            if now >= due - 0.001:
+                self.out.write(HEARTBEAT)
+                self._last_write = now
+                due = now + self._out_interval
+            wake = due
+        if self._silence_limit:
+            if self._reading_paused:
+                self._heard_at = now  # not reading, so not hearing: not the peer's silence
+            deadline = self._heard_at + self._silence_limit
+            if now >= deadline - 0.001:
+                log.info(
+                    "Dropping STOMP {identity} at {address}: silent for {silence:.1f} s",
+                    identity=self.avatar.identity if self.avatar is not None else None,
+                    address=self.address,
+                    silence=now - self._heard_at,
+                    event="broker-heartbeat-timeout",
+                )
+                self._fail("heart-beat timeout")
+                return None
+            wake = min(wake, deadline)
+        return wake
+
+    def _heard_now(self) -> None:
+        """Silence is counted from now (reading was paused or resumed: the peer may have been
+        talking all along without us reading it)."""
+        if self._silence_limit:
+            self._heard_at = self.factory.clock.seconds()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -656,11 +787,7 @@ class StompServerProtocol(Protocol):
 
     def _cancel_timers(self) -> None:
         self._cancel_timer()
-        for name in ("_beat_call", "_check_call"):
-            call: IDelayedCall | None = getattr(self, name)
-            if call is not None and call.active():
-                call.cancel()
-            setattr(self, name, None)
+        self.factory.heartbeats.remove(self)
 
 
 _UNENCODED = object()
@@ -722,9 +849,28 @@ class StompServerFactory(Factory):
         self.limits = limits
         self.server = SERVER_NAME
         self.session_ids = itertools.count(1)
-        self.connections: set[StompServerProtocol] = set()
-        self._by_identity: dict[str, set[StompServerProtocol]] = {}
+        #: open connections (a count: nothing needs to walk them)
+        self.connections = 0
+        #: the heart-beats of every connection
+        self.heartbeats = Heartbeats(clock)
+        #: guests' connections by identity: the connection itself, or a set when there are several
+        self._by_identity: dict[str, StompServerProtocol | set[StompServerProtocol]] = {}
         self._to_process: list[StompServerProtocol] = []
+        self._floats: dict[float, float] = {}
+
+    def shared_float(self, value: float) -> float:
+        """``value``, as the same float object for every connection that asks for it.
+
+        Heart-beat intervals are the same for nearly every connection; a float each would cost
+        every connection 24 bytes per interval it keeps.
+        """
+        floats = self._floats
+        shared = floats.get(value)
+        if shared is None:
+            if len(floats) >= 64:  # peers choose intervals: do not let them grow this
+                return value
+            shared = floats[value] = value
+        return shared
 
     def process_soon(self, protocol: StompServerProtocol) -> None:
         """Have ``protocol`` handle the frames it holds on the next reactor turn.
@@ -750,24 +896,45 @@ class StompServerFactory(Factory):
         return StompServerProtocol(self)
 
     def logged_in(self, protocol: StompServerProtocol, avatar: IStompAvatar) -> None:
-        """Remember guests by identity, so that revoking credentials can drop them."""
-        if not avatar.full_access:
-            self._by_identity.setdefault(avatar.identity, set()).add(protocol)
+        """Remember guests by identity, so that revoking credentials can drop them.
+
+        A guest has one connection, but for a while two (a reconnect before the old connection
+        is known dead): a set only then.
+        """
+        if avatar.full_access:
+            return
+        by_identity = self._by_identity
+        held = by_identity.get(avatar.identity)
+        if held is None:
+            by_identity[avatar.identity] = protocol
+        elif isinstance(held, set):
+            held.add(protocol)
+        elif held is not protocol:
+            by_identity[avatar.identity] = {held, protocol}
 
     def forget(self, protocol: StompServerProtocol) -> None:
         """The connection is gone."""
-        self.connections.discard(protocol)
+        self.connections -= 1
         avatar = protocol.avatar
-        if avatar is not None:
-            same = self._by_identity.get(avatar.identity)
-            if same is not None:
-                same.discard(protocol)
-                if not same:
-                    del self._by_identity[avatar.identity]
+        if avatar is None:
+            return
+        by_identity = self._by_identity
+        held = by_identity.get(avatar.identity)
+        if held is protocol:
+            del by_identity[avatar.identity]
+        elif isinstance(held, set):
+            held.discard(protocol)
+            if len(held) == 1:
+                by_identity[avatar.identity] = next(iter(held))
+            elif not held:
+                del by_identity[avatar.identity]
 
     def drop_identity(self, identity: str, reason: str) -> int:
         """ERROR and close every connection of the guest ``identity``; return how many."""
-        protocols = list(self._by_identity.get(identity, ()))
+        held = self._by_identity.get(identity)
+        if held is None:
+            return 0
+        protocols = list(held) if isinstance(held, set) else [held]
         for protocol in protocols:
             protocol.kill(reason)
         return len(protocols)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import sys
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 
@@ -113,6 +114,7 @@ class IBrokerClient(Interface):
     """A connection (or in-process session) as the realm sees it."""
 
     local = Attribute("True for in-process sessions: never congested, never paused.")
+    name = Attribute("Who this is, for log lines.")
 
     def deliver(subscription: Subscription, message: Message) -> int:  # noqa: N805
         """Hand a message to the peer for ``subscription``; return the bytes written."""
@@ -127,32 +129,42 @@ class IBrokerClient(Interface):
         """Close the peer's connection with an ERROR saying ``reason``."""
 
 
+# Peers, subscriptions and queues live as long as the guests behind them, one or two each, and
+# most of them never hold a message, wait for anyone or owe an ACK: their containers are None
+# until needed and dropped once empty again (an empty set is 216 bytes, an empty deque 760).
+
+
 class Peer:
     """The realm's bookkeeping for one client; created by :meth:`Realm.attach`."""
 
     __slots__ = (
+        "attached",
         "blockers",
         "client",
         "congested",
         "lag_bytes",
-        "name",
         "subscriptions",
         "unacked",
         "waiters",
     )
 
-    def __init__(self, client: IBrokerClient, name: str) -> None:
+    def __init__(self, client: IBrokerClient) -> None:
         self.client = client
-        self.name = name
+        self.attached = True
         self.subscriptions: dict[str, Subscription] = {}
         #: message-id -> the client-mode queue subscription holding it un-acked
-        self.unacked: dict[str, Subscription] = {}
+        self.unacked: dict[str, Subscription] | None = None
         #: publishers paused until this peer's socket buffer drains
-        self.waiters: set[Peer] = set()
+        self.waiters: set[Peer] | None = None
         #: queues and consumers this peer (as a publisher) is paused for
-        self.blockers: set[Peer | Queue] = set()
+        self.blockers: set[Peer | Queue] | None = None
         self.congested = False
         self.lag_bytes = 0
+
+    @property
+    def name(self) -> str:
+        """Who this is, for log lines."""
+        return str(self.client.name)
 
 
 class Subscription:
@@ -166,7 +178,7 @@ class Subscription:
         self.destination = destination
         self.ack = ack
         #: client-mode queue subscriptions: message-id -> message, in delivery order
-        self.pending: OrderedDict[str, Message] = OrderedDict()
+        self.pending: OrderedDict[str, Message] | None = None
 
 
 class Queue:
@@ -178,9 +190,10 @@ class Queue:
         self.name = name
         self.subscribers: list[Subscription] = []
         self.cursor = 0
-        self.backlog: deque[Message] = deque()
+        self.backlog: deque[Message] | None = None
         self.backlog_bytes = 0
-        self.waiters: set[Peer] = set()
+        #: publishers paused until the backlog falls below low water
+        self.waiters: set[Peer] | None = None
         self.dropping = False
 
 
@@ -209,7 +222,6 @@ class Realm:
 
     def __init__(self, limits: BrokerLimits = DEFAULT_LIMITS) -> None:
         self.limits = limits
-        self._peers: set[Peer] = set()
         self._topics: dict[str, list[Subscription]] = {}
         self._queues: dict[str, Queue] = {}
         self._ids = itertools.count(1)
@@ -219,30 +231,32 @@ class Realm:
         self._dropped = 0
         self._delivered = 0
         self._subscriptions = 0
+        self._unacked = 0
 
     # -- peers
 
-    def attach(self, client: IBrokerClient, name: str) -> Peer:
+    def attach(self, client: IBrokerClient) -> Peer:
         """Register a client; everything it does goes through the returned :class:`Peer`."""
-        peer = Peer(client, name)
-        self._peers.add(peer)
-        return peer
+        return Peer(client)
 
     def detach(self, peer: Peer) -> None:
         """The client is gone: drop its subscriptions, redeliver what it had not acked, and
         resume the publishers that were waiting for it."""
-        if peer not in self._peers:
+        if not peer.attached:
             return
-        self._peers.discard(peer)
+        peer.attached = False
         for subscription in list(peer.subscriptions.values()):
             self._remove_subscription(subscription)
-        for blocker in peer.blockers:
-            blocker.waiters.discard(peer)
-        if peer.blockers:
-            peer.blockers.clear()
+        blockers = peer.blockers
+        if blockers:
+            for blocker in blockers:
+                if blocker.waiters is not None:
+                    blocker.waiters.discard(peer)
             self._blocked -= 1
-        waiters, peer.waiters = peer.waiters, set()
-        self._release(waiters, peer)
+        peer.blockers = None
+        waiters, peer.waiters = peer.waiters, None
+        if waiters:
+            self._release(waiters, peer)
 
     def consumer_congested(self, peer: Peer) -> None:
         """The peer's socket buffer is full: deliver nothing more from queues, pause publishers
@@ -254,8 +268,9 @@ class Realm:
         """The peer's socket buffer is empty again."""
         peer.congested = False
         peer.lag_bytes = 0
-        waiters, peer.waiters = peer.waiters, set()
-        self._release(waiters, peer)
+        waiters, peer.waiters = peer.waiters, None
+        if waiters:
+            self._release(waiters, peer)
         for subscription in list(peer.subscriptions.values()):
             queue = self._queues.get(subscription.destination)
             if queue is not None:
@@ -269,15 +284,26 @@ class Realm:
             raise RealmError(f"subscription id {sub_id!r} is already in use on this connection")
         if len(peer.subscriptions) >= self.limits.max_subscriptions:
             raise RealmError(f"more than {self.limits.max_subscriptions} subscriptions")
-        subscription = Subscription(peer, sub_id, destination, ack)
-        peer.subscriptions[sub_id] = subscription
-        self._subscriptions += 1
+        # Every guest subscribes with the same ids to the same broadcast topic: one string each
+        # for all of them, not one per guest.
+        sub_id = sys.intern(sub_id)
         if is_queue(destination):
             queue = self._queue(destination)
+            subscription = Subscription(peer, sub_id, queue.name, ack)
+            peer.subscriptions[sub_id] = subscription
+            self._subscriptions += 1
             queue.subscribers.append(subscription)
             self._drain(queue)
         else:
-            self._topics.setdefault(destination, []).append(subscription)
+            subscribers = self._topics.get(destination)
+            if subscribers is None:
+                subscribers = self._topics[destination] = []
+            elif subscribers:
+                destination = subscribers[0].destination
+            subscription = Subscription(peer, sub_id, destination, ack)
+            peer.subscriptions[sub_id] = subscription
+            self._subscriptions += 1
+            subscribers.append(subscription)
         return subscription
 
     def unsubscribe(self, peer: Peer, sub_id: str) -> bool:
@@ -304,12 +330,17 @@ class Realm:
         del queue.subscribers[index]
         if index < queue.cursor:
             queue.cursor -= 1
-        if subscription.pending:
-            for message_id in subscription.pending:
-                peer.unacked.pop(message_id, None)
-            unacked = list(subscription.pending.values())
-            subscription.pending.clear()
-            self._requeue(queue, unacked)
+        pending = subscription.pending
+        if pending:
+            unacked_ids = peer.unacked
+            if unacked_ids is not None:
+                for message_id in pending:
+                    unacked_ids.pop(message_id, None)
+                if not unacked_ids:
+                    peer.unacked = None
+            self._unacked -= len(pending)
+            subscription.pending = None
+            self._requeue(queue, list(pending.values()))
         self._drain(queue)
 
     # -- publishing
@@ -367,14 +398,17 @@ class Realm:
             raise StoreFullError("the broker's message store is full")
         if queue is None:
             queue = self._queue(message.destination)
-        queue.backlog.append(message)
+        backlog = queue.backlog
+        if backlog is None:
+            backlog = queue.backlog = deque()
+        backlog.append(message)
         queue.backlog_bytes += message.size
         self._stored_messages += 1
         self._stored_bytes += message.size
-        if len(queue.backlog) > limits.queue_max_messages or queue.backlog_bytes > limits.queue_max_bytes:
+        if len(backlog) > limits.queue_max_messages or queue.backlog_bytes > limits.queue_max_bytes:
             self._drop_oldest(queue)
         if (
-            len(queue.backlog) >= limits.queue_high_water_messages
+            len(backlog) >= limits.queue_high_water_messages
             or queue.backlog_bytes >= limits.queue_high_water_bytes
         ) and all(s.peer is not publisher for s in queue.subscribers):
             self._block(publisher, queue)
@@ -382,10 +416,12 @@ class Realm:
     def _drop_oldest(self, queue: Queue) -> None:
         limits = self.limits
         dropped = 0
-        while queue.backlog and (
-            len(queue.backlog) > limits.queue_max_messages or queue.backlog_bytes > limits.queue_max_bytes
+        backlog = queue.backlog
+        assert backlog is not None
+        while backlog and (
+            len(backlog) > limits.queue_max_messages or queue.backlog_bytes > limits.queue_max_bytes
         ):
-            self._unstore(queue, queue.backlog.popleft())
+            self._unstore(queue, backlog.popleft())
             dropped += 1
         self._dropped += dropped
         if not queue.dropping:
@@ -403,6 +439,8 @@ class Realm:
 
     def _requeue(self, queue: Queue, messages: Iterable[Message]) -> None:
         again = [m.redelivery() for m in messages]
+        if queue.backlog is None:
+            queue.backlog = deque()
         queue.backlog.extendleft(reversed(again))
         for message in again:
             queue.backlog_bytes += message.size
@@ -419,16 +457,19 @@ class Realm:
             message = backlog.popleft()
             self._unstore(queue, message)
             self._hand_over(subscription, message)
+        if not backlog and queue.backlog is backlog:
+            queue.backlog = None
+        backlog = queue.backlog  # a delivery may have put messages back meanwhile
         limits = self.limits
         if (
-            len(backlog) <= limits.queue_high_water_messages // 2
+            (len(backlog) if backlog else 0) <= limits.queue_high_water_messages // 2
             and queue.backlog_bytes <= limits.queue_high_water_bytes // 2
         ):
             queue.dropping = False
             if queue.waiters:
-                waiters, queue.waiters = queue.waiters, set()
+                waiters, queue.waiters = queue.waiters, None
                 self._release(waiters, queue)
-        if not backlog and not queue.subscribers and self._queues.get(queue.name) is queue:
+        if not queue.backlog and not queue.subscribers and self._queues.get(queue.name) is queue:
             del self._queues[queue.name]
 
     def _next_ready(self, queue: Queue) -> Subscription | None:
@@ -439,7 +480,7 @@ class Realm:
             index = (queue.cursor + step) % count
             subscription = subscribers[index]
             if not subscription.peer.congested and (
-                subscription.ack is AckMode.AUTO or len(subscription.pending) < max_unacked
+                subscription.ack is AckMode.AUTO or len(subscription.pending or ()) < max_unacked
             ):
                 queue.cursor = (index + 1) % count
                 return subscription
@@ -447,8 +488,16 @@ class Realm:
 
     def _hand_over(self, subscription: Subscription, message: Message) -> None:
         if subscription.ack is not AckMode.AUTO:
-            subscription.pending[message.message_id] = message
-            subscription.peer.unacked[message.message_id] = subscription
+            pending = subscription.pending
+            if pending is None:
+                pending = subscription.pending = OrderedDict()
+            pending[message.message_id] = message
+            peer = subscription.peer
+            unacked = peer.unacked
+            if unacked is None:
+                unacked = peer.unacked = {}
+            unacked[message.message_id] = subscription
+            self._unacked += 1
         self._deliver(subscription, message)
 
     def _deliver(self, subscription: Subscription, message: Message) -> None:
@@ -472,7 +521,7 @@ class Realm:
 
     def ack(self, peer: Peer, ack_id: str) -> bool:
         """Acknowledge (cumulatively in ``client`` mode); False if the id is not pending."""
-        subscription = peer.unacked.get(ack_id)
+        subscription = peer.unacked.get(ack_id) if peer.unacked else None
         if subscription is None:
             return False
         self._take(subscription, ack_id)
@@ -483,7 +532,7 @@ class Realm:
 
     def nack(self, peer: Peer, ack_id: str) -> bool:
         """Put the message (in ``client`` mode: and every earlier one) back at the queue's head."""
-        subscription = peer.unacked.get(ack_id)
+        subscription = peer.unacked.get(ack_id) if peer.unacked else None
         if subscription is None:
             return False
         taken = self._take(subscription, ack_id)
@@ -494,19 +543,28 @@ class Realm:
         return True
 
     def _take(self, subscription: Subscription, ack_id: str) -> list[Message]:
+        """Take ``ack_id`` (in ``client`` mode: and every earlier one) off the un-acked."""
         peer = subscription.peer
         pending = subscription.pending
+        unacked = peer.unacked
+        assert pending is not None and unacked is not None
         if subscription.ack is AckMode.CLIENT:
             taken = []
             while pending:
                 message_id, message = pending.popitem(last=False)
-                peer.unacked.pop(message_id, None)
+                unacked.pop(message_id, None)
                 taken.append(message)
                 if message_id == ack_id:
                     break
-            return taken
-        del peer.unacked[ack_id]
-        return [pending.pop(ack_id)]
+        else:
+            del unacked[ack_id]
+            taken = [pending.pop(ack_id)]
+        self._unacked -= len(taken)
+        if not pending:
+            subscription.pending = None
+        if not unacked:
+            peer.unacked = None
+        return taken
 
     # -- administration
 
@@ -515,9 +573,12 @@ class Realm:
         queue = self._queues.get(destination)
         if queue is None:
             return 0
-        count = len(queue.backlog)
-        while queue.backlog:
-            self._unstore(queue, queue.backlog.popleft())
+        backlog = queue.backlog
+        if not backlog:
+            return 0
+        count = len(backlog)
+        while backlog:
+            self._unstore(queue, backlog.popleft())
         self._drain(queue)
         return count
 
@@ -529,7 +590,7 @@ class Realm:
             queues=len(self._queues),
             queued_messages=self._stored_messages,
             queued_bytes=self._stored_bytes,
-            unacked_messages=sum(len(p.unacked) for p in self._peers),
+            unacked_messages=self._unacked,
             paused_publishers=self._blocked,
             dropped_messages=self._dropped,
             delivered_messages=self._delivered,
@@ -538,18 +599,26 @@ class Realm:
     # -- back-pressure
 
     def _block(self, publisher: Peer, blocker: Peer | Queue) -> None:
-        if publisher.client.local or blocker in publisher.blockers or publisher not in self._peers:
+        blockers = publisher.blockers
+        if publisher.client.local or not publisher.attached or (blockers is not None and blocker in blockers):
             return
-        if not publisher.blockers:
+        if not blockers:
+            blockers = publisher.blockers = set()
             self._blocked += 1
             publisher.client.pause_reading()
-        publisher.blockers.add(blocker)
+        blockers.add(blocker)
+        if blocker.waiters is None:
+            blocker.waiters = set()
         blocker.waiters.add(publisher)
 
     def _release(self, waiters: Iterable[Peer], blocker: Peer | Queue) -> None:
         for publisher in waiters:
-            publisher.blockers.discard(blocker)
-            if not publisher.blockers:
+            blockers = publisher.blockers
+            if blockers is None:
+                continue
+            blockers.discard(blocker)
+            if not blockers:
+                publisher.blockers = None
                 self._blocked -= 1
                 publisher.client.resume_reading()
 
