@@ -108,6 +108,41 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(self.listener.gone, [("test-1", "silent for more than 20 s")])
         self.assertEqual(self.channel.guests(), {})
 
+    def test_one_timed_call_watches_every_guest_for_silence(self) -> None:
+        for i in range(30):
+            self.session.deliver_said(hello(f"test-{i}"))
+            self.clock.advance(0.25)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        for _ in range(3):  # every guest but test-7 keeps beaconing
+            self.clock.advance(4)
+            for i in range(30):
+                if i != 7:
+                    self.session.deliver_said(hello(f"test-{i}", word=StillAlive))
+        self.assertEqual(self.listener.gone, [])
+        self.clock.advance(1021.75 - self.clock.seconds() - 0.1)  # test-7 said HELLO at 1001.75
+        self.assertEqual(self.listener.gone, [])
+        self.clock.advance(0.2)
+        self.assertEqual(self.listener.gone, [("test-7", "silent for more than 20 s")])
+        self.assertEqual(len(self.channel.guests()), 29)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.channel.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_guests_share_what_they_say_alike(self) -> None:
+        """5,000 guests beacon every few seconds: their records hold one copy of each thing said."""
+        self.session.deliver_said(hello("test-1"))
+        self.session.deliver_said(hello("test-2"))
+        first = self.channel.guests()["test-1"]
+        self.clock.advance(5)
+        self.session.deliver_said(hello("test-1", word=StillAlive))
+        again, other = self.channel.guests()["test-1"], self.channel.guests()["test-2"]
+        self.assertEqual(again.last_beacon, 1005)
+        self.assertIs(again.mac, first.mac)
+        self.assertIs(again.ip, first.ip)
+        self.assertIs(again.identity, first.identity)
+        self.assertIs(other.capabilities, first.capabilities)
+        self.assertIs(other.agent_version, first.agent_version)
+
     def test_bye_makes_the_guest_gone_at_once(self) -> None:
         self.session.deliver_said(hello())
         self.session.deliver_said(hello(word=Bye))
