@@ -13,6 +13,7 @@ other clients carry on.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib.metadata
 import itertools
@@ -23,6 +24,7 @@ from collections.abc import Callable, Mapping
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
+from twisted.internet import tcp
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -792,6 +794,42 @@ class StompServerProtocol(Protocol):
 
 _UNENCODED = object()
 
+#: What Twisted's TCP transports set on themselves after ``__init__`` (a producer registered,
+#: the first write, pausing, closing), and what the broker sets (``bufferSize``).
+LATE_TRANSPORT_ATTRIBUTES = (
+    "producer",
+    "streamingProducer",
+    "producerPaused",
+    "dataBuffer",
+    "offset",
+    "bufferSize",
+    "disconnecting",
+    "disconnected",
+    "_writeDisconnecting",
+    "_writeDisconnected",
+    "_aborting",
+)
+
+
+def name_late_attributes(
+    transport_class: type, names: typing.Iterable[str] = LATE_TRANSPORT_ATTRIBUTES
+) -> None:
+    """Make ``names`` part of the attribute layout every instance of ``transport_class`` shares.
+
+    CPython 3.11 keeps instance attributes in a compact array laid out by the class, and stops
+    adding names to that layout after some thirty instances have been made.  An instance that
+    later sets a name outside the layout gets a full dict of its own instead (832 bytes for a
+    TCP transport).  Twisted's transports set ``dataBuffer`` and ``offset`` at their first write
+    and ``producer`` when a producer registers: a broker that accepted thirty guests before any
+    of them was written to paid those 832 bytes on every guest connection.  Naming them on a
+    throw-away instance before the layout is frozen keeps every transport compact.  Harmless
+    where the interpreter lays attributes out differently.
+    """
+    stand_in: object = object.__new__(transport_class)
+    for name in names:
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(stand_in, name, None)
+
 
 def _message_head(subscription: Subscription, version: str) -> tuple[bytes, bytes] | None:
     """The encoded MESSAGE lines before and after the message-id for ``subscription``, or None
@@ -891,6 +929,11 @@ class StompServerFactory(Factory):
                 log.failure(
                     "Resuming {address} failed", address=protocol.address, event="broker-internal-error"
                 )
+
+    def startFactory(self) -> None:  # noqa: N802
+        """Listening: name the attributes TCP transports set late, while they still fit in the
+        transports' shared layout (see :func:`name_late_attributes`)."""
+        name_late_attributes(tcp.Server)
 
     def buildProtocol(self, addr: IAddress | None) -> StompServerProtocol:  # noqa: N802
         return StompServerProtocol(self)
