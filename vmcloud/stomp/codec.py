@@ -172,7 +172,9 @@ class Decoder:
         finally:
             if self._pos:
                 del buf[: self._pos]
-                self._scan -= self._pos
+                # Where the NUL search resumes matters only inside a body; elsewhere an offset
+                # left over would be an int object kept per idle connection.
+                self._scan = self._scan - self._pos if self._state == _BODY else 0
                 self._pos = 0
         return frames
 
