@@ -485,12 +485,10 @@ class StompServerProtocol(Protocol):
             destination = frame.headers.get("destination")
             if destination is None:
                 raise ProtocolError("UNSUBSCRIBE without an id header")
-            sub_id = next(
-                (s.id for s in self.peer.subscriptions.values() if s.destination == destination), None
-            )
+            sub_id = next((s.id for s in self.peer.subscriptions if s.destination == destination), None)
             if sub_id is None:
                 return
-        subscription = self.peer.subscriptions.get(sub_id)
+        subscription = self.peer.subscription(sub_id)
         if subscription is not None and self._heads:
             self._heads.pop(subscription, None)
         self.factory.realm.unsubscribe(self.peer, sub_id)
