@@ -18,6 +18,7 @@ import enum
 import importlib.metadata
 import itertools
 import math
+import re
 import typing
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -829,15 +830,29 @@ def name_late_attributes(
             setattr(stand_in, name, None)
 
 
+#: A character that makes a header value need escaping (or, in 1.0, unsendable).
+_NOT_PLAIN = re.compile(r"[\\\n\r:\x00]")
+
+
 def _message_head(subscription: Subscription, version: str) -> tuple[bytes, bytes] | None:
     """The encoded MESSAGE lines before and after the message-id for ``subscription``, or None
-    when ``version`` cannot carry its destination or id."""
+    when ``version`` cannot carry its destination or id.
+
+    Made per delivery for guests (nothing kept per connection), so plain names, which are all
+    a guest subscribes with, skip the general encoder.
+    """
+    destination, sub_id = subscription.destination, subscription.id
+    if _NOT_PLAIN.search(destination) is None and _NOT_PLAIN.search(sub_id) is None:
+        return (
+            b"MESSAGE\ndestination:" + destination.encode() + b"\nmessage-id:",
+            b"\nsubscription:" + sub_id.encode() + b"\n",
+        )
     try:
-        destination = header_lines({"destination": subscription.destination}, version)
-        sub_id = header_lines({"subscription": subscription.id}, version)
+        destination_line = header_lines({"destination": destination}, version)
+        sub_id_line = header_lines({"subscription": sub_id}, version)
     except ValueError:
         return None
-    return b"MESSAGE\n" + destination + b"message-id:", b"\n" + sub_id
+    return b"MESSAGE\n" + destination_line + b"message-id:", b"\n" + sub_id_line
 
 
 def _message_frame(subscription: Subscription, message: Message) -> Frame:
