@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import dataclasses
 import os
 import pstats
 import re
@@ -82,6 +83,9 @@ class Sizes:
     rtt_count: int = 2000
     rtt_inflight: tuple[int, ...] = (1, 16)
     idle_connections: tuple[int, ...] = (1000, 5000)
+    #: CONNECT ``heart-beat`` of the idle guests; the agent offers ``10000,10000`` (``0,0`` here
+    #: keeps the figure comparable with CoilMQ, which cannot parse heart-beats)
+    idle_heart_beat: str = "0,0"
     flood_seconds: float = 10.0
     flood_publishers: int = 8
     flood_consume_rate: int = 1000
@@ -471,7 +475,11 @@ class Generator:
             self.lost_errors += conn.errors
 
     async def connect(
-        self, login: str | None, passcode: str | None, timeout: float = CONNECT_TIMEOUT
+        self,
+        login: str | None,
+        passcode: str | None,
+        timeout: float = CONNECT_TIMEOUT,
+        heart_beat: str = "0,0",
     ) -> Conn:
         t = self.target
         loop = asyncio.get_running_loop()
@@ -486,7 +494,7 @@ class Generator:
             await asyncio.wait_for(loop.create_connection(factory, t.host, t.port), timeout)
             conn = conn_box[0]
             self.conns.add(conn)
-            headers = {"accept-version": t.version, "host": "/", "heart-beat": "0,0"}
+            headers = {"accept-version": t.version, "host": "/", "heart-beat": heart_beat}
             if login:
                 headers["login"] = login
             if passcode:
@@ -512,9 +520,15 @@ class Generator:
         )
 
     async def guest(
-        self, identity: str, subscribe: str | None = None, timeout: float = CONNECT_TIMEOUT
+        self,
+        identity: str,
+        subscribe: str | None = None,
+        timeout: float = CONNECT_TIMEOUT,
+        heart_beat: str = "0,0",
     ) -> Conn:
-        conn = await self.connect(*self.target.guest_credentials(identity), timeout=timeout)
+        conn = await self.connect(
+            *self.target.guest_credentials(identity), timeout=timeout, heart_beat=heart_beat
+        )
         if subscribe is not None:
             await self.subscribe(conn, subscribe)
         return conn
@@ -785,7 +799,7 @@ async def settled_rss(process: psutil.Process | None, seconds: float = 2.0, step
     return last
 
 
-async def idle(target: Target, run: str, levels: Sequence[int]) -> dict[str, Any]:
+async def idle(target: Target, run: str, levels: Sequence[int], heart_beat: str = "0,0") -> dict[str, Any]:
     gen = Generator(target)
     broker = target.broker()
     concurrency = 8 if target.kind == "coilmq" else 32  # CoilMQ listens with a backlog of 5
@@ -803,7 +817,9 @@ async def idle(target: Target, run: str, levels: Sequence[int]) -> dict[str, Any
 
             def idle_guest(i: int, start: int = start) -> Awaitable[Conn]:
                 identity = f"{run}-i{start + i}"
-                return gen.guest(identity, subscribe=guest_destination(identity), timeout=5.0)
+                return gen.guest(
+                    identity, subscribe=guest_destination(identity), timeout=5.0, heart_beat=heart_beat
+                )
 
             more = await gen.many(level - start, idle_guest, concurrency)
             conns += more
@@ -819,6 +835,7 @@ async def idle(target: Target, run: str, levels: Sequence[int]) -> dict[str, Any
             say(
                 f"  idle {alive:5d} guests connected+subscribed (opened in {setup:.1f} s): "
                 f"RSS {after / 2**20:.1f} MiB, {per / 1024:.1f} KB per connection"
+                + (f" (heart-beat {heart_beat})" if heart_beat != "0,0" else "")
                 + (f"; {gen.problems()}" if gen.problems() else "")
             )
         return figures
@@ -959,7 +976,9 @@ async def measure(target: Target, sizes: Sizes, phases: Sequence[str], repeat: i
             await asyncio.sleep(0.2 if target.start else 1.0)  # let an external broker settle
 
     if "idle" in phases:
-        target.results["idle"] = await phase("idle", lambda: idle(target, run, sizes.idle_connections))
+        target.results["idle"] = await phase(
+            "idle", lambda: idle(target, run, sizes.idle_connections, sizes.idle_heart_beat)
+        )
     if "rtt" in phases:
         for inflight in sizes.rtt_inflight:
             runs = [
@@ -1135,6 +1154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="runs of fan-in and round trip, the best is kept (default 2, 1 with --quick)",
     )
     parser.add_argument("--profile-ours", metavar="DIR", help="run our broker under cProfile, dumps in DIR")
+    parser.add_argument(
+        "--idle-heart-beat",
+        default="0,0",
+        metavar="CX,CY",
+        help="heart-beat header of the idle phase's guests (the agent offers 10000,10000; default 0,0)",
+    )
     parser.add_argument("--serve-ours", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--log-file", help=argparse.SUPPRESS)
     parser.add_argument("--profile", help=argparse.SUPPRESS)
@@ -1143,7 +1168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_ours(args.serve_ours, args.log_file, args.profile)
         return 0
 
-    sizes = QUICK if args.quick else FULL
+    sizes = dataclasses.replace(QUICK if args.quick else FULL, idle_heart_beat=args.idle_heart_beat)
     if args.repeat is None:
         args.repeat = 1 if args.quick else 2
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
