@@ -76,14 +76,15 @@ class HeartbeatsTests(SynchronousTestCase):
         self.assertEqual(len(self.schedule._heap), 200)  # under half: left in place
         self.schedule.remove(sleepers[99])
         self.assertEqual(len(self.schedule._heap), 100)
-        for sleeper in sleepers[100:]:
+        for sleeper in sleepers[100:-1]:
             self.schedule.remove(sleeper)
-        self.assertEqual(len(self.schedule), 0)
+        self.assertEqual(len(self.schedule), 1)
         self.assertLess(len(self.schedule._heap), 64)  # a few marked ones wait to come up
+        self.schedule.remove(sleepers[-1])
+        self.assertEqual(self.schedule._heap, [])  # the last one gone: nothing waits
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # a clean reactor
         self.clock.advance(100)
         self.assertEqual(self.woken, [])
-        self.assertEqual(self.schedule._heap, [])
-        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_a_sleeper_that_is_done_leaves(self) -> None:
         self.sleeper("twice", 1, 1, times=2)

@@ -9,7 +9,8 @@ Here every heart-beating connection sits once in a heap ordered by when it next 
 and a single timed call wakes for the earliest.  A woken connection does what is due (send a beat,
 drop a silent peer) and says when it wants waking next.  A connection that goes away stays in the
 heap, marked, until it comes up or until the marked ones are half the heap, when they are swept
-out: taking one out of the middle of a heap costs a pass over the heap.
+out (taking one out of the middle of a heap costs a pass over the heap); when the last one goes,
+so does the timed call.
 """
 
 from __future__ import annotations
@@ -76,7 +77,13 @@ class Heartbeats:
         sleeper.scheduled = False
         self._marked += 1
         heap = self._heap
-        if self._marked >= _SWEEP_MIN and 2 * self._marked >= len(heap):
+        if self._marked == len(heap):  # nobody left: no timed call either (a clean reactor)
+            heap.clear()
+            self._marked = 0
+            if self._call is not None:
+                self._call.cancel()
+                self._call = None
+        elif self._marked >= _SWEEP_MIN and 2 * self._marked >= len(heap):
             heap[:] = [s for s in heap if s.scheduled]  # in place: a wake-up may be iterating it
             heapq.heapify(heap)
             self._marked = 0
