@@ -175,6 +175,18 @@ class BootListDeleteTests(NovaDriverTestCase):
         self.assertEqual(sorted(s.name for s in listed), sorted(f"{PREFIX}{n}" for n in range(12)))
         self.assertEqual(self.sim.count(LIST), 4)  # 5 + 5 + 2, then the empty page that ends the loop
 
+    async def test_a_cloud_ignoring_the_marker_is_an_error_not_an_endless_walk(self) -> None:
+        self.sim.configure(max_limit=5, quota_instances=100, quota_cores=100)
+        for n in range(7):
+            self.sim.cloud.create(
+                CreateSpec(name=f"{PREFIX}{n}", image_ref=IMAGE, flavor_ref="1"), project_id="p", user_id="u"
+            )
+        page = self.sim.cloud.page
+        self.patch(self.sim.cloud, "page", lambda filters, marker, limit: page(filters, None, limit))
+        error = await self.expect(CloudUnavailable, self.driver.list_servers())
+        self.assertIn("same servers again", str(error))
+        self.assertEqual(self.sim.count(LIST), 2)  # novaclient's own limit=-1 walk never ends here
+
     async def test_delete_of_a_missing_server_is_a_success(self) -> None:
         await self.driver.delete("00000000-0000-4000-8000-00000000dead")
         self.assertEqual(self.sim.count("DELETE /v2.1/servers/{id}"), 1)
