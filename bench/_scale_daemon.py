@@ -106,7 +106,9 @@ class Probe:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.phase = "start"
-        self.lock = threading.Lock()
+        # reentrant: a garbage collection may start inside add() (it allocates), and the
+        # collection's callback adds its own timing: a plain Lock deadlocked the daemon once
+        self.lock = threading.RLock()
         self.current: dict[str, Tally] = {}
         self.done: dict[str, dict[str, Any]] = {}
         self.writing = 0  # checkpoint writes in flight on the store thread
