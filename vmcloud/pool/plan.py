@@ -168,9 +168,8 @@ class _Pass:
         Every kill counts, even one with no server to delete yet: the budget bounds the work of a
         pass as well as the calls waiting for a cloud thread.
         """
-        if self.deletes <= 0:
+        if not self.spend_delete():
             return False
-        self.deletes -= 1
         failed_boot = vm.identity is None and vm.state is not VMState.KILLING and reason not in NOT_FAILURES
         self.boot_failed |= failed_boot
         self.actions.append(Delete(vm.vmid, reason, failed_boot))
@@ -179,6 +178,13 @@ class _Pass:
             self.alive -= 1
             key = (vm.state, vm.batch)
             self.taken[key] = self.taken.get(key, 0) + 1
+        return True
+
+    def spend_delete(self) -> bool:
+        """One termination more from the budget; False when it is spent."""
+        if self.deletes <= 0:
+            return False
+        self.deletes -= 1
         return True
 
     def take_ready(self, vmid: str, batch: str) -> None:
@@ -304,9 +310,8 @@ def _reap_strays(p: _Pass, config: PoolConfig, now: float) -> None:
         if stray.seen < 2:
             continue
         if stray.deleting_since is None or now - stray.deleting_since >= config.timeout_cloud:
-            if p.deletes <= 0:
+            if not p.spend_delete():
                 return
-            p.deletes -= 1
             p.actions.append(DeleteServer(stray.server_id, stray.name))
 
 

@@ -62,7 +62,7 @@ log = Logger()
 
 #: Guest words (PREPARE, CLEANUP) said per reactor turn.  A pass marks every VM it gives work at
 #: once, but a 500-VM batch would otherwise say 500 words in one go and hold the reactor (beacons,
-#: the API) for a quarter of a second; the rest follow turn by turn, a millisecond apart.
+#: the API) for a quarter of a second; the rest follow on the next turns, sockets polled between.
 WORDS_PER_TURN = 16
 
 #: Metadata keys every server of the pool carries.
