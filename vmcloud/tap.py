@@ -168,11 +168,11 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
     store_threads = ThreadPoolService(reactor, "vmcloud-checkpoint", 1)
     store_threads.setServiceParent(root)
     store = CheckpointStore(state_dir, dispatch=store_threads.dispatch, clock=clock)
-    if memory.tune_allocator():
-        # free pages inside glibc's heaps go back to the system; off the reactor (no GIL held)
-        trimming = TimerService(TRIM_INTERVAL, lambda: store_threads.dispatch(memory.trim))
-        trimming.setName("memory-trim")
-        trimming.setServiceParent(root)
+    # free pages inside glibc's heaps go back to the system; off the reactor (no GIL held); a
+    # no-op without glibc
+    trimming = TimerService(TRIM_INTERVAL, lambda: store_threads.dispatch(memory.trim))
+    trimming.setName("memory-trim")
+    trimming.setServiceParent(root)
 
     # ---- broker and guest channel
     if config.broker.external:
@@ -351,6 +351,7 @@ def makeService(options: Options) -> IService:  # noqa: N802 - twistd's name
     from twisted.internet import reactor
 
     _raise_file_limit()
+    memory.tune_allocator()  # before the thread pools start: arenas already made stay
     service = build_controller(reactor, options.config, os.environ)
     # Everything built so far lives as long as the daemon: keep it out of the garbage collector's
     # generations, so collections stay short (they showed as millisecond stalls in the broker's p99);
