@@ -19,6 +19,7 @@ setup(
     install_requires=[
         "twisted>=24.3",
         "klein>=24.8",
+        "prometheus_client>=0.20",
         "stomper>=0.4.3",
         "python-novaclient>=18",
         "keystoneauth1>=5",

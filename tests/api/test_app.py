@@ -189,13 +189,13 @@ class SuccessAnswerTests(ApiTestCase):
         self.assertTrue(answer.header("content-type").startswith("text/plain; version=0.0.4"))
         lines = answer.body.decode().splitlines()
         for expected in (
-            'vmcloud_vms{state="FREE"} 2',
-            'vmcloud_vms{state="READY"} 1',
-            'vmcloud_vms{state="OCCUPIED"} 0',
-            "vmcloud_pool_size_max 4",
-            "vmcloud_batches 1",
-            "vmcloud_handles 1",
-            "vmcloud_pending_locks 0",
+            'vmcloud_vms{state="FREE"} 2.0',
+            'vmcloud_vms{state="READY"} 1.0',
+            'vmcloud_vms{state="OCCUPIED"} 0.0',
+            "vmcloud_pool_size_max 4.0",
+            "vmcloud_batches 1.0",
+            "vmcloud_handles 1.0",
+            "vmcloud_pending_locks 0.0",
         ):
             self.assertIn(expected, lines)
 

@@ -37,8 +37,7 @@ from vmcloud.api.inputs import (
     parse_wait,
     wants_json,
 )
-from vmcloud.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from vmcloud.api.metrics import render_metrics
+from vmcloud.api.metrics import exposition, pool_registry
 from vmcloud.api.openapi import openapi_document
 from vmcloud.api.static import StaticFiles
 from vmcloud.pool.interfaces import IPoolControl, PoolError
@@ -114,6 +113,7 @@ class RestApi:
         self._long_poll_default = long_poll_default
         self._max_long_poll = max_long_poll
         self._openapi = json.dumps(openapi_document(), indent=1).encode("utf-8")
+        self._metrics = pool_registry(pool)
 
     def routes(self) -> list[tuple[Route, Handler]]:
         """Every route of the SPEC, with its handler."""
@@ -177,8 +177,8 @@ class RestApi:
         return _json(request, self._pool.all_status())
 
     async def metrics(self, request: IRequest, params: Params) -> bytes:
-        body = render_metrics(self._pool.all_status())
-        request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE)
+        body, content_type = exposition(self._metrics, request.getHeader(b"accept"))
+        request.setHeader(b"Content-Type", content_type)
         return body
 
     # ------------------------------------------------------------------ handle routes
