@@ -191,11 +191,9 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
     else:
         from vmcloud.broker import Broker
 
-        anonymous = {
-            "yes": True,
-            "no": False,
-            "auto": listens_on_loopback_only(config.broker.listen),
-        }[config.broker.anonymous_guests]
+        # Anonymous guests are decided per connection (loopback only, see broker.auth), so "auto"
+        # and "yes" both allow them there; "no" refuses them everywhere.
+        anonymous = config.broker.anonymous_guests != "no"
         broker = Broker(
             clock,
             controller_login=config.broker.login or "vmcloud-controller",
@@ -210,7 +208,7 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
         log.info(
             "embedded STOMP broker on {listen}; anonymous guests {anonymous}",
             listen=config.broker.listen,
-            anonymous="allowed (loopback only)" if anonymous else "refused",
+            anonymous="allowed on loopback connections only" if anonymous else "refused",
         )
 
     channel = GuestChannel(

@@ -42,8 +42,13 @@ class Client:
         *,
         bytewise: bool = False,
         transport_class: type[StringTransport] = StringTransport,
+        address: str = "127.0.0.1",
     ) -> None:
-        self.transport = transport_class(peerAddress=IPv4Address("TCP", "127.0.0.1", next(self._ports)))
+        # ``address``: both ends of the connection (a VM on a bridge: its subnet, not loopback)
+        self.transport = transport_class(
+            hostAddress=IPv4Address("TCP", address, 61613),
+            peerAddress=IPv4Address("TCP", address, next(self._ports)),
+        )
         protocol = broker.factory().buildProtocol(None)
         assert isinstance(protocol, StompServerProtocol)
         self.protocol = protocol

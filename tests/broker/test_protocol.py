@@ -174,6 +174,20 @@ class AuthenticationTests(SynchronousTestCase):
             client.connect(login, passcode)
             self.assertTrue(client.closing, login)
 
+    def test_anonymous_guests_only_over_loopback_whatever_the_listener(self) -> None:
+        """Issue #8: a broker that also listens on the local driver's bridge took anonymous guests
+        from every VM there; the rule is per connection, not per configured listener."""
+        broker = make_broker(anonymous_guests=True)
+        from_vm = Client(broker, address="10.250.0.11")
+        with capturedLogs() as logged:
+            from_vm.connect("evilguest", None)
+        self.assertTrue(from_vm.closing)
+        (refusal,) = [e for e in logged if e.get("event") == "broker-auth-failed"]
+        self.assertIn("loopback", refusal["reason"])
+        self.assertEqual(Client(broker, address="::1").connect("test-1", None).command, "CONNECTED")
+        login, passcode = broker.credentials.mint("9")  # minted credentials work from anywhere
+        self.assertEqual(Client(broker, address="10.250.0.11").connect(login, passcode).command, "CONNECTED")
+
     def test_anonymous_cannot_take_a_minted_login(self) -> None:
         broker = make_broker(anonymous_guests=True)
         login, _passcode = broker.credentials.mint("9")

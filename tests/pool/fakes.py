@@ -310,3 +310,18 @@ class World:
             self.turn()
             if not moved:
                 return
+
+
+def two_listed_vms(addresses_a: tuple, addresses_b: tuple) -> tuple:  # type: ignore[type-arg]
+    """A pool of two booted VMs whose servers the cloud listed with these (MACs, IPs)."""
+    w = World()
+    w.pool.set_pool_size(2, 2, 0)
+    w.turn()
+    (req_a, d_a), (req_b, d_b) = w.driver.boots
+    w.driver.boots.clear()
+    d_a.callback(w.driver.accept(req_a, *addresses_a))
+    d_b.callback(w.driver.accept(req_b, *addresses_b))
+    w.advance(CONFIG.poll_interval)
+    w.driver.answer_lists()
+    w.turn()
+    return w, req_a, req_b

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.pool.fakes import CONFIG, PREFIX, World
+from tests.pool.fakes import CONFIG, PREFIX, World, two_listed_vms
 from vmcloud.pool.config import PoolConfig
 from vmcloud.pool.interfaces import (
     ACTIVE,
@@ -63,22 +63,8 @@ class ListingTests(SynchronousTestCase):
         w.settle()
         self.assertEqual(w.counts(), {"FREE": 1})
 
-    def two_listed_vms(self, addresses_a: tuple, addresses_b: tuple) -> tuple:  # type: ignore[type-arg]
-        """A pool of two booted VMs whose servers the cloud listed with these (MACs, IPs)."""
-        w = World()
-        w.pool.set_pool_size(2, 2, 0)
-        w.turn()
-        (req_a, d_a), (req_b, d_b) = w.driver.boots
-        w.driver.boots.clear()
-        d_a.callback(w.driver.accept(req_a, *addresses_a))
-        d_b.callback(w.driver.accept(req_b, *addresses_b))
-        w.advance(CONFIG.poll_interval)
-        w.driver.answer_lists()
-        w.turn()
-        return w, req_a, req_b
-
     def test_listing_gives_the_addresses_a_hello_is_matched_by(self) -> None:
-        w, req_a, req_b = self.two_listed_vms(
+        w, req_a, req_b = two_listed_vms(
             (("FA:16:3E:00:00:01",), ("10.0.0.5",)), (("fa:16:3e:00:00:02",), ("10.0.0.6",))
         )
         w.channel.hello("fa-16-3e-00-00-01", mac="fa:16:3e:00:00:01")  # by MAC (any spelling)
@@ -90,7 +76,7 @@ class ListingTests(SynchronousTestCase):
 
     def test_vms_share_what_their_guests_say_alike(self) -> None:
         """At 5,000 VMs one copy of each repeated string or tuple is worth a few megabytes."""
-        w, req_a, req_b = self.two_listed_vms((("fa:16:3e:00:00:01",), ("10.0.0.5",)), ((), ()))
+        w, req_a, req_b = two_listed_vms((("fa:16:3e:00:00:01",), ("10.0.0.5",)), ((), ()))
 
         def fresh(text: str | None) -> str | None:
             """An equal string, another object: as the channel parses it off the wire."""

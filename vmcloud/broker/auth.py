@@ -5,8 +5,11 @@ Four kinds of login, checked in this order:
 * the controller's own login/passcode (given at construction): full access;
 * operator users ``{name: password}`` from ``[broker] users``: full access;
 * per-VM credentials minted by the controller (:class:`Credentials`): a guest;
-* when anonymous guests are allowed (loopback-only brokers), any other login that is a valid
-  guest identity, with no or an empty passcode: a guest.
+* when anonymous guests are allowed, any other login that is a valid guest identity, with no or
+  an empty passcode, on a connection that came over loopback: a guest.  Whether a connection is
+  anonymous-worthy is decided per connection, not per configured listener: a broker listening on
+  every address (or also on the local driver's bridge) still takes anonymous guests from its own
+  host only, never from a VM or another host.
 
 A guest's identity is its login.  It may subscribe only to its own command destination and the
 broadcast topic, and send only to the controller's destinations (:mod:`vmcloud.words.destinations`).
@@ -15,6 +18,7 @@ broadcast topic, and send only to the controller's destinations (:mod:`vmcloud.w
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import secrets
 import sys
 from collections.abc import Callable, Mapping
@@ -139,6 +143,20 @@ def _one_copy(login: str) -> str:
     return sys.intern(login)
 
 
+def is_loopback(address: object) -> bool:
+    """Whether a transport address is on this host only: a UNIX socket or a loopback IP.
+
+    Linux drops packets from the wire that claim a loopback source, so a connection whose two ends
+    are loopback addresses came from a process on this host (not from a VM's namespace).
+    """
+    if getattr(address, "type", None) not in ("TCP", "UDP"):
+        return getattr(address, "name", None) is not None  # a UNIXAddress
+    try:
+        return ipaddress.ip_address(str(getattr(address, "host", ""))).is_loopback
+    except ValueError:
+        return False
+
+
 def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
@@ -150,6 +168,7 @@ class StompLogin:
 
     login: str
     passcode: str
+    on_loopback: bool = False  # both ends of the connection are loopback addresses (or a UNIX socket)
 
     @property
     def username(self) -> bytes:
@@ -189,6 +208,8 @@ class BrokerChecker:
         if minted is not None:
             return self._verdict(_same(passcode, minted), _GUEST + login)
         if self.anonymous_guests and not passcode and IDENTITY_RE.match(login):
+            if not credentials.on_loopback:
+                return fail(UnauthorizedLogin("anonymous guests are only taken over loopback"))
             return succeed((_GUEST + login).encode("utf-8"))
         return fail(UnauthorizedLogin("unknown login"))
 

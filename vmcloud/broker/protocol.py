@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from vmcloud.broker.auth import IStompAvatar, StompLogin
+from vmcloud.broker.auth import IStompAvatar, StompLogin, is_loopback
 from vmcloud.broker.heartbeats import Heartbeats
 from vmcloud.broker.limits import BrokerLimits
 from vmcloud.broker.realm import (
@@ -68,6 +68,7 @@ class _Transport(typing.Protocol):
     def write(self, data: bytes) -> None: ...
     def loseConnection(self) -> None: ...  # noqa: N802
     def getPeer(self) -> IAddress: ...  # noqa: N802
+    def getHost(self) -> IAddress: ...  # noqa: N802
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...  # noqa: N802
     def unregisterProducer(self) -> None: ...  # noqa: N802
     def pauseProducing(self) -> None: ...  # noqa: N802
@@ -198,6 +199,14 @@ class StompServerProtocol(Protocol):
             return "?"
         host, port = getattr(peer, "host", None), getattr(peer, "port", None)
         return f"{host}:{port}" if host is not None else str(peer)
+
+    def _on_loopback(self) -> bool:
+        """Whether this connection came from this very host (the anonymous-guest rule)."""
+        transport = self.transport
+        try:
+            return transport is not None and is_loopback(transport.getHost()) and is_loopback(transport.getPeer())
+        except Exception:
+            return False
 
     @property
     def name(self) -> str:
@@ -371,7 +380,7 @@ class StompServerProtocol(Protocol):
         else:
             beats = _heart_beat(headers.get("heart-beat"))
         self.state = _State.AUTHENTICATING
-        d = self.factory.portal.login(StompLogin(login, passcode), None, IStompAvatar)
+        d = self.factory.portal.login(StompLogin(login, passcode, self._on_loopback()), None, IStompAvatar)
         d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(beats,), errbackArgs=(login,))
         d.addErrback(
             lambda f: log.failure(

@@ -55,7 +55,7 @@ from vmcloud.pool.model import VM, Event, Handle, PoolSpec, VMState
 from vmcloud.pool.plan import effective_size, preparation_queue
 from vmcloud.pool.reconciler import Reconciler
 from vmcloud.pool.snapshot import SnapshotError, restore
-from vmcloud.pool.state import PoolState
+from vmcloud.pool.state import GuestRefused, PoolState
 
 __all__ = ["PoolConfig", "PoolService"]
 
@@ -647,7 +647,17 @@ class PoolService(Service):
 
     def guest_hello(self, guest: GuestInfo) -> None:
         try:
-            vm = self.state.guest_hello(guest, self._clock.seconds())
+            try:
+                vm = self.state.guest_hello(guest, self._clock.seconds())
+            except GuestRefused as refused:
+                log.warn(
+                    "Refused the HELLO of guest {identity} (login {login}): {reason}",
+                    identity=guest.identity,
+                    login=guest.login,
+                    reason=str(refused),
+                    event="guest-refused",
+                )
+                return
             if vm is None:
                 log.info(
                     "Guest {identity} (ip {ip}, mac {mac}) said HELLO but is none of our VMs (yet)",

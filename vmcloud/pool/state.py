@@ -42,6 +42,10 @@ TransitionObserver = Callable[[VM | None, VM | None], None]
 EventObserver = Callable[[str, Event], None]
 
 
+class GuestRefused(Exception):
+    """A guest claimed a VM that is bound to someone else; the message says which and why."""
+
+
 def normalize_mac(mac: str) -> str:
     """One spelling for a MAC, whether a cloud or a guest (or an identity) wrote it."""
     return mac.strip().lower().replace("-", ":")
@@ -421,20 +425,45 @@ class PoolState:
     # ------------------------------------------------------------------ what guests say
 
     def match_guest(self, guest: GuestInfo) -> str | None:
-        """The VM a guest belongs to: by login, else identity, else a MAC, else an IP of its server."""
+        """The VM a guest belongs to, or None while none is known for it yet.
+
+        A guest is who its credentials say and nothing else: a VM bound to a login or identity
+        goes to that guest only.  What a guest merely claims (a MAC or IP in its HELLO) picks only
+        among VMs nobody is bound to yet, and never a VM given credentials other than the ones the
+        guest logged in with; a claim on any other VM raises :class:`GuestRefused`, so that a guest
+        that reaches the broker cannot take over a VM (and with it the next worker's cookies and
+        VNC password).  A guest with no login is one an external broker passed on (a shared
+        account, nothing vouched for): its claims only ever pick unbound VMs.
+        """
         if guest.login is not None and guest.login in self._by_login:
             return self._by_login[guest.login]
         if guest.identity in self._by_identity:
             return self._by_identity[guest.identity]
+        vmid = None
         if guest.mac and normalize_mac(guest.mac) in self._by_mac:
-            return self._by_mac[normalize_mac(guest.mac)]
-        if guest.ip and guest.ip in self._by_ip:
-            return self._by_ip[guest.ip]
-        return None
+            vmid, claim = self._by_mac[normalize_mac(guest.mac)], f"mac {guest.mac}"
+        elif guest.ip and guest.ip in self._by_ip:
+            vmid, claim = self._by_ip[guest.ip], f"ip {guest.ip}"
+        if vmid is None:
+            return None
+        vm = self.vms[vmid]
+        if guest.login is not None and vm.login is not None:
+            # the broker vouches for the guest's login, and it is not this VM's
+            raise GuestRefused(f"its {claim} names VM {vmid}, whose guest logs in as {vm.login}")
+        if vm.identity is not None:
+            raise GuestRefused(f"its {claim} names VM {vmid}, already bound to guest {vm.identity}")
+        return vmid
 
     def guest_hello(self, guest: GuestInfo, now: float) -> VM | None:
-        """A guest said HELLO: a booting VM becomes FREE, a recovering one is back."""
-        vmid = self.match_guest(guest)
+        """A guest said HELLO: a booting VM becomes FREE, a recovering one is back.
+
+        Raises :class:`GuestRefused` when the guest claims a VM that is not its own.
+        """
+        try:
+            vmid = self.match_guest(guest)
+        except GuestRefused:
+            self.unmatched.pop(guest.identity, None)
+            raise
         if vmid is None:
             self.unmatched[guest.identity] = (guest, now)
             return None
@@ -484,8 +513,11 @@ class PoolState:
         for identity, (guest, seen) in list(self.unmatched.items()):
             if now - seen > patience:
                 del self.unmatched[identity]
-            elif self.match_guest(guest) is not None:
-                vm = self.guest_hello(guest, now)
+            else:
+                try:
+                    vm = self.guest_hello(guest, now) if self.match_guest(guest) is not None else None
+                except GuestRefused:
+                    continue  # told when it said HELLO; it stays refused
                 if vm is not None:
                     matched.append(vm)
         return matched
