@@ -3,7 +3,7 @@
 Prints one JSON line ``{"port": ..., "credentials": {vmid: [login, passcode]}}`` once listening,
 and stops when its stdin closes, so a test that dies never leaves it behind.
 
-    python -m tests.broker.run_broker --heartbeat-ms 100 --max-body 2097152 --mint a --mint b
+    python -m tests.broker.run_broker --heartbeat-floor-ms 100 --max-body 2097152 --mint a --mint b
 """
 
 from __future__ import annotations
@@ -33,15 +33,14 @@ class _StopOnStdinClose(Protocol):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--heartbeat-ms", type=int, default=10_000)
+    parser.add_argument("--heartbeat-floor-ms", type=int, default=BrokerLimits().heartbeat_floor_ms)
     parser.add_argument("--max-body", type=int, default=16 * 1024 * 1024)
     parser.add_argument("--mint", action="append", default=[])
     parser.add_argument("--anonymous", action="store_true")
     args = parser.parse_args()
     limits = BrokerLimits(
         frame=Limits(max_body=args.max_body),
-        heartbeat_send_ms=args.heartbeat_ms,
-        heartbeat_receive_ms=args.heartbeat_ms,
+        heartbeat_floor_ms=args.heartbeat_floor_ms,
         connect_timeout=5,
     )
     broker = Broker(

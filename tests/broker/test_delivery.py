@@ -283,7 +283,7 @@ class BackPressureTests(SynchronousTestCase):
         self.assertEqual(publisher.transport.producerState, "producing")
 
     def test_paused_publisher_is_not_taken_for_silent(self) -> None:
-        limits = BrokerLimits(queue_high_water_messages=1, heartbeat_receive_ms=1000)
+        limits = BrokerLimits(queue_high_water_messages=1)
         broker = make_broker(self.clock, limits=limits)
         publisher = Client(broker)
         publisher.connect(heart_beat="1000,0")

@@ -40,7 +40,7 @@ class NegotiationTests(SynchronousTestCase):
         connected = Client(self.broker).connect()
         self.assertTrue(connected.headers["session"])
         self.assertTrue(connected.headers["server"].startswith("vmcloud/"))
-        self.assertEqual(connected.headers["heart-beat"], "10000,10000")
+        self.assertEqual(connected.headers["heart-beat"], "0,0")  # the client asked for none
 
     def test_stomp_command_is_accepted(self) -> None:
         self.assertEqual(Client(self.broker).connect(command="STOMP").command, "CONNECTED")
@@ -462,13 +462,57 @@ class EscapingTests(SynchronousTestCase):
 class HeartBeatTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        limits = BrokerLimits(heartbeat_send_ms=1000, heartbeat_receive_ms=1000)
-        self.broker = make_broker(self.clock, limits=limits)
+        self.broker = make_broker(self.clock)  # the default floor: 100 ms
+
+    def beats_within(self, client: Client, seconds: float, step: float = 1 / 64) -> int:
+        """Heart-beats (bare EOLs) the broker wrote to ``client`` while ``seconds`` passed, in
+        steps whose sums are exact (the time of every wake-up is, too)."""
+        client.transport.clear()
+        self.clock.pump([step] * round(seconds / step))
+        data = client.transport.value()
+        self.assertEqual(data.strip(b"\n"), b"")
+        return len(data)
+
+    def test_the_client_gets_the_beats_it_asks_for(self) -> None:
+        """A client asking for a beat every 500 ms gets one every 500 ms (it got one every 10 s)."""
+        client = Client(self.broker)
+        connected = client.connect(heart_beat="0,500")
+        self.assertEqual(connected.headers["heart-beat"], "500,0")
+        self.assertEqual(self.beats_within(client, 5), 10)
+
+    def test_connected_answers_with_the_negotiated_pair(self) -> None:
+        for asked, answer in [
+            ("0,0", "0,0"),
+            ("10000,10000", "10000,10000"),  # what the guest agent asks
+            ("1000,250", "250,1000"),
+            ("0,60000", "60000,0"),
+            ("30,20", "100,100"),  # raised to the floor
+            ("1,0", "0,100"),
+        ]:
+            connected = Client(self.broker).connect(heart_beat=asked)
+            self.assertEqual(connected.headers["heart-beat"], answer, asked)
+
+    def test_asks_below_the_floor_get_the_floor(self) -> None:
+        client = Client(self.broker)
+        client.connect(heart_beat="0,10")
+        self.assertIn(self.beats_within(client, 1, step=0.001), (9, 10))  # 0.1 s steps, in floats
+
+    def test_floor_is_a_limit(self) -> None:
+        broker = make_broker(self.clock, limits=BrokerLimits(heartbeat_floor_ms=1000))
+        client = Client(broker)
+        self.assertEqual(client.connect(heart_beat="0,500").headers["heart-beat"], "1000,0")
+        self.assertEqual(self.beats_within(client, 3.5), 3)
+
+    def test_absurd_intervals_are_refused(self) -> None:
+        client = Client(self.broker)
+        client.connect(heart_beat="0,99999999999999999999")
+        self.assertIn("at most", client.received[-1].headers["message"])
+        self.assertTrue(client.closing)
 
     def test_broker_beats_when_idle(self) -> None:
         client = Client(self.broker)
-        connected = client.connect(heart_beat="0,500")
-        self.assertEqual(connected.headers["heart-beat"], "1000,1000")
+        connected = client.connect(heart_beat="0,1000")
+        self.assertEqual(connected.headers["heart-beat"], "1000,0")
         self.clock.advance(1)
         self.assertEqual(client.transport.value(), b"\n")
         client.transport.clear()
@@ -489,15 +533,43 @@ class HeartBeatTests(SynchronousTestCase):
 
     def test_silent_client_is_dropped(self) -> None:
         client = Client(self.broker)
-        client.connect(heart_beat="2000,0")  # promises a beat every max(2000, 1000) ms
+        client.connect(heart_beat="2000,0")  # promises a beat every 2000 ms
         for _ in range(4):  # beating keeps it alive
             self.clock.advance(2)
             client.write(b"\n")
         self.assertFalse(client.closing)
-        self.clock.pump([0.25] * 18)  # 4.5 s of silence: allowed
+        self.clock.pump([0.01] * 499)  # 4.99 s of silence: allowed
         self.assertFalse(client.closing)
-        self.clock.pump([0.25] * 6)  # 6 s: between 2.5 and 3 intervals
+        self.clock.pump([0.01] * 2)  # 5.01 s: 2.5 intervals
         self.assertEqual(client.error().headers["message"], "heart-beat timeout")
+
+    def test_a_client_offering_fast_beats_is_held_to_them(self) -> None:
+        client = Client(self.broker)
+        self.assertEqual(client.connect(heart_beat="200,0").headers["heart-beat"], "0,200")
+        for _ in range(20):
+            self.clock.advance(0.2)
+            client.write(b"\n")
+        self.assertFalse(client.closing)
+        self.clock.pump([0.01] * 51)  # 0.51 s: 2.5 intervals of 200 ms
+        self.assertEqual(client.error().headers["message"], "heart-beat timeout")
+
+    def test_a_late_look_waits_for_the_next_read(self) -> None:
+        """The reactor held up past a silence deadline: what the peer sent meanwhile is read
+        before it is judged silent, and if it still said nothing, it is dropped then."""
+        talking, silent = Client(self.broker), Client(self.broker)
+        talking.connect(heart_beat="1000,0")
+        silent.connect(heart_beat="1000,0")
+        self.clock.advance(2.4)
+        self.clock.advance(0.6)  # the deadlines (2.5 s) passed 0.5 s ago: nobody dropped yet
+        self.assertFalse(talking.closing or silent.closing)
+        talking.write(b"\n")  # read in the same reactor turn
+        self.clock.advance(0.001)
+        self.assertFalse(talking.closing)
+        self.assertEqual(silent.error().headers["message"], "heart-beat timeout")
+        self.clock.advance(2.4)
+        self.assertFalse(talking.closing)
+        self.clock.advance(0.1)  # on time: no second look
+        self.assertEqual(talking.error().headers["message"], "heart-beat timeout")
 
     def test_silence_is_counted_from_the_last_byte(self) -> None:
         client = Client(self.broker)
@@ -521,6 +593,17 @@ class HeartBeatTests(SynchronousTestCase):
         self.clock.pump([0.5] * 4)
         self.assertEqual(clients[3].transport.value(), b"\n")
         self.assertEqual({c.transport.value() for c in clients if c is not clients[3]}, {b"\n\n\n"})
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_clients_asking_different_paces_share_one_timed_call(self) -> None:
+        asks = [125, 250, 375, 1000, 2000, 125, 625]
+        clients = [Client(self.broker) for _ in asks]
+        for client, ms in zip(clients, asks, strict=True):
+            client.connect(heart_beat=f"0,{ms}")
+            client.transport.clear()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.pump([1 / 64] * 256)
+        self.assertEqual([len(c.transport.value()) for c in clients], [4000 // ms for ms in asks])
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
 
     def test_clients_without_heartbeats_are_never_dropped(self) -> None:

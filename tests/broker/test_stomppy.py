@@ -31,7 +31,7 @@ from vmcloud.words.destinations import BROADCAST, CONTROLLER, guest_destination
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT = 10.0
 MAX_BODY = 2 * 1024 * 1024
-HEARTBEAT_MS = 100
+HEARTBEAT_FLOOR_MS = 100
 LOGIN = ("controller", "controller-secret")
 
 
@@ -110,7 +110,14 @@ class StompPyTests(SynchronousTestCase):
     @classmethod
     def setUpClass(cls) -> None:
         cls.broker = BrokerProcess(
-            "--heartbeat-ms", str(HEARTBEAT_MS), "--max-body", str(MAX_BODY), "--mint", "a", "--mint", "b"
+            "--heartbeat-floor-ms",
+            str(HEARTBEAT_FLOOR_MS),
+            "--max-body",
+            str(MAX_BODY),
+            "--mint",
+            "a",
+            "--mint",
+            "b",
         )
 
     @classmethod
@@ -307,16 +314,39 @@ class StompPyTests(SynchronousTestCase):
         beating, listener = self.connect("1.2", heartbeats=(500, 0))
         with self.raw() as silent:
             connected = self.raw_connect(silent, heart_beat="500,0")
-            self.assertEqual(connected.headers["heart-beat"], f"{HEARTBEAT_MS},{HEARTBEAT_MS}")
+            self.assertEqual(connected.headers["heart-beat"], "0,500")
             started = time.monotonic()
-            frames = self.read_until_closed(silent)  # dropped after 2.5-3 intervals of silence
+            frames = self.read_until_closed(silent)  # dropped after 2.5 intervals of silence
             elapsed = time.monotonic() - started
         self.assertEqual(frames[-1].headers["message"], "heart-beat timeout")
-        self.assertGreaterEqual(elapsed, 1.0)
+        self.assertGreaterEqual(elapsed, 1.2)
         time.sleep(max(0.0, 2.0 - elapsed))
         self.assertTrue(beating.is_connected())
         beating.send("/topic/alive", b"", headers={"receipt": "alive"})
         listener.receipt("alive")
+
+    def test_the_broker_beats_as_often_as_stomp_py_asks(self) -> None:
+        """stomp.py asking for a beat from the broker every 300 ms gets them (it got one per 10 s),
+        and one asking below the floor gets one per floor, not more."""
+        counts = []
+        for asked in (300, 20):
+            beats = threading.Semaphore(0)
+            connection, listener = self.connect("1.2", heartbeats=(0, asked))
+            listener.on_heartbeat = beats.release  # type: ignore[method-assign]
+            started = time.monotonic()
+            got = 0
+            while time.monotonic() - started < 1.5:
+                if beats.acquire(timeout=0.05):
+                    got += 1
+            counts.append(got)
+            self.assertTrue(connection.is_connected())
+            connection.send("/topic/beaten", b"", headers={"receipt": f"beaten-{asked}"})
+            listener.receipt(f"beaten-{asked}")
+        # 1.5 s: 5 beats at 300 ms, 15 at the 100 ms floor (a loaded machine may lose a few)
+        self.assertGreaterEqual(counts[0], 3)
+        self.assertLessEqual(counts[0], 6)
+        self.assertGreaterEqual(counts[1], 8)
+        self.assertLessEqual(counts[1], 16)
 
     def test_error_cases_close_only_the_offender(self) -> None:
         cases = {

@@ -58,10 +58,11 @@ class BrokerLimits:
     #: written to the controller's connection, which the kernel takes in one go; at 64 KiB that
     #: counted as congestion and paused and resumed every guest in turn.
     full_access_buffer_bytes: int = 4 * MiB
-    #: Heart-beats offered in CONNECTED, ms: how often the broker can send, and wants to hear
-    #: from the client.  The negotiated interval is never shorter than these.
-    heartbeat_send_ms: int = 10_000
-    heartbeat_receive_ms: int = 10_000
+    #: The shortest heart-beat interval the broker agrees to, ms, either way.  A client is
+    #: given what it asks for (``heart-beat:cx,cy``: beats from the broker every ``cy`` ms, its
+    #: own every ``cx`` ms), but never more often than this: below it the beats would cost
+    #: more than the liveness they buy (each is a wake-up of the broker's one schedule).
+    heartbeat_floor_ms: int = 100
     #: A client is dropped after this many negotiated intervals without a byte from it.
     heartbeat_grace: float = 2.5
     #: Seconds a new connection has to send CONNECT.

@@ -61,6 +61,11 @@ def _server_name() -> str:
 #: The ``server`` header of CONNECTED frames.
 SERVER_NAME = _server_name()
 
+#: Seconds past a peer's silence deadline after which the broker, looking at it for the first
+#: time, does not trust the silence (the reactor was busy and did not read) and looks once more
+#: after the next read (see :meth:`StompServerProtocol.wake`).
+STALL = 0.02
+
 
 class _Transport(typing.Protocol):
     """What the protocol uses of its transport: a TCP transport, a StringTransport, iosim's."""
@@ -95,6 +100,11 @@ class _Transaction:
         self.size = 0
 
 
+#: The longest heart-beat interval a client may name, ms (a Java int, about 24.8 days): larger
+#: figures are refused rather than turned into timer deadlines.
+MAX_HEART_BEAT_MS = 2**31 - 1
+
+
 def _heart_beat(value: str | None) -> tuple[int, int]:
     if value is None:
         return 0, 0
@@ -104,7 +114,24 @@ def _heart_beat(value: str | None) -> tuple[int, int]:
         raise ProtocolError("heart-beat header must be two integers: cx,cy") from None
     if cx < 0 or cy < 0:
         raise ProtocolError("heart-beat values must not be negative")
+    if cx > MAX_HEART_BEAT_MS or cy > MAX_HEART_BEAT_MS:
+        raise ProtocolError(f"heart-beat values must be at most {MAX_HEART_BEAT_MS} ms")
     return cx, cy
+
+
+def negotiate_heart_beats(cx: int, cy: int, floor_ms: int) -> tuple[int, int]:
+    """The broker's ``heart-beat:sx,sy`` answer to a client's ``cx,cy``, as RabbitMQ answers.
+
+    STOMP makes each direction ``max`` of what the sender can do and the receiver wants (0 on
+    either side: none).  The broker can beat and listen at any pace down to ``floor_ms``, so it
+    answers with the client's own figures raised to the floor: ``sx`` (its beats) is what the
+    client wants to hear, ``sy`` (what it wants to hear) is what the client can send.  Then
+    ``max(sx, cy) = sx`` and ``max(cx, sy) = sy``: the answer is the negotiated pair, which a
+    client that gets the arithmetic wrong reads right too.
+    """
+    sx = max(cy, floor_ms) if cy else 0
+    sy = max(cx, floor_ms) if cx else 0
+    return sx, sy
 
 
 def _short(text: str, limit: int = 64) -> str:
@@ -413,11 +440,9 @@ class StompServerProtocol(Protocol):
             "server": factory.server,
         }
         if self.version != "1.0":
-            limits = self.limits
-            cx, cy = beats
-            sx, sy = limits.heartbeat_send_ms, limits.heartbeat_receive_ms
-            headers["heart-beat"] = f"{sx},{sy}"
-            self._start_heartbeats(max(sx, cy) if sx and cy else 0, max(cx, sy) if cx and sy else 0)
+            out_ms, in_ms = negotiate_heart_beats(*beats, self.limits.heartbeat_floor_ms)
+            headers["heart-beat"] = f"{out_ms},{in_ms}"
+            self._start_heartbeats(out_ms, in_ms)
         self._write(Frame("CONNECTED", headers))
         log.info(
             "STOMP {identity} connected from {address} (STOMP {version}, {access})",
@@ -772,6 +797,11 @@ class StompServerProtocol(Protocol):
                 self._heard_at = now  # not reading, so not hearing: not the peer's silence
             deadline = self._heard_at + self._silence_limit
             if now >= deadline - 0.001:
+                if now - deadline > STALL and self.wake_at < deadline + STALL:
+                    # The first look comes late: the reactor was held up, and what the peer sent
+                    # meanwhile may be waiting unread.  Look once more after the next read (that
+                    # wake-up is due after the deadline, so it is never put off again).
+                    return now
                 log.info(
                     "Dropping STOMP {identity} at {address}: silent for {silence:.1f} s",
                     identity=self.avatar.identity if self.avatar is not None else None,
