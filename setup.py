@@ -4,6 +4,20 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+HERE = Path(__file__).parent
+
+
+def shared_tree(folder: str) -> list[tuple[str, list[str]]]:
+    """Every file under ``folder`` as data files in ``share/vmcloud/<folder>/...``, where the daemon
+    looks for them when it is installed rather than run from a checkout (``vmcloud/tap.py``)."""
+    groups: dict[str, list[str]] = {}
+    for path in sorted((HERE / folder).rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            relative = path.relative_to(HERE)
+            groups.setdefault(str(Path("share/vmcloud") / relative.parent), []).append(str(relative))
+    return sorted(groups.items())
+
+
 setup(
     name="vmcloud",
     version="0.1.0",
@@ -13,14 +27,12 @@ setup(
     python_requires=">=3.11",
     packages=[*find_packages(exclude=["tests*", "bench*"]), "twisted.plugins"],
     package_data={"twisted.plugins": ["vmcloud_plugins.py"]},
-    data_files=[
-        ("share/vmcloud/etc", ["etc/vmcloud.conf", "etc/vmcloud-guest.conf"]),
-    ],
+    data_files=shared_tree("etc") + shared_tree("static"),
     install_requires=[
         "twisted>=24.3",
         "klein>=24.8",
+        "werkzeug>=2",  # Klein's router: the API maps its exceptions to JSON errors
         "prometheus_client>=0.20",
-        "stomper>=0.4.3",
         "python-novaclient>=18",
         "keystoneauth1>=5",
         "netifaces-plus>=0.12",
@@ -28,11 +40,12 @@ setup(
         "autobahn[twisted]>=24",
         "attrs>=23",
         "zope.interface>=6",
-        "psutil>=5.9",
     ],
     extras_require={
         "test": [
             "pytest>=8",
+            "stomper>=0.4.3",  # the replayed stomper conversations in tests/broker
+            "psutil>=5.9",  # tests and benches measure processes with it
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",
             "stomp.py>=8.1",
