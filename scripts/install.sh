@@ -10,6 +10,7 @@ command -v ip >/dev/null 2>&1 || packages+=(iproute2)
 command -v bridge >/dev/null 2>&1 || packages+=(iproute2)
 command -v setsid >/dev/null 2>&1 || packages+=(util-linux)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
+command -v node >/dev/null 2>&1 || packages+=(nodejs)  # runs tests/api/vmcloud_js_check.js (static/vmcloud.js)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || packages+=(python3-venv)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "install.sh: installing system packages: ${packages[*]}"

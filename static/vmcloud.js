@@ -9,7 +9,8 @@
  *
  *   <script src="https://vmcloud.example/static/vmcloud.js"></script>
  *   const vm = vmcloud.handle("https://vmcloud.example", handle);
- *   const status = await vm.waitAssigned();           // {assigned: true, vmid, vm: {...}, ...}
+ *   const status = await vm.waitAssigned({timeout: 60000}); // {assigned: true, vmid, vm: {...}, ...}
+ *   // (rejects with vmcloud.LostError if the VM died first, vmcloud.TimeoutError after the timeout)
  *   const follow = vm.followEvents(ev => console.log(ev.data.url));
  *   await vm.renewExpire(10 * 60 * 1000);
  *   ...
@@ -39,6 +40,38 @@
       this.status = status;
       this.code = code;
     }
+  }
+
+  /**
+   * waitAssigned's end when the handle's VM died (handle-status said assigned: false with lost): the
+   * pool never gives a handle that lost its VM another one, so waiting longer is pointless.
+   * lost is {vmid, reason, time} from handle-status; status is the whole answer.  The handle is
+   * still known: release it.
+   */
+  class LostError extends Error {
+    constructor(handle, status) {
+      const lost = status.lost || {};
+      super("the VM " + lost.vmid + " of handle " + handle + " was lost: " + lost.reason);
+      this.name = "LostError";
+      this.handle = handle;
+      this.lost = lost;
+      this.status = status;
+    }
+  }
+
+  /** waitAssigned's end when options.timeout ms passed without a VM; timeout is that figure. */
+  class TimeoutError extends Error {
+    constructor(timeout) {
+      super("no VM assigned within " + timeout + " ms");
+      this.name = "TimeoutError";
+      this.timeout = timeout;
+    }
+  }
+
+  function abortError() {
+    const error = new Error("aborted");
+    error.name = "AbortError";
+    return error;
   }
 
   function trimBase(base) {
@@ -80,16 +113,57 @@
     return encodeURIComponent(String(value));
   }
 
+  /** Wait ms, or less if signal aborts; the abort listener goes when the wait ends (loops sleep often). */
   function sleep(ms, signal) {
     return new Promise(function (resolve) {
-      const timer = setTimeout(resolve, ms);
+      if (signal && signal.aborted) {
+        resolve();
+        return;
+      }
+      let timer = null;
+      const wake = function () {
+        clearTimeout(timer);
+        if (signal) {
+          signal.removeEventListener("abort", wake);
+        }
+        resolve();
+      };
+      timer = setTimeout(wake, ms);
       if (signal) {
-        signal.addEventListener("abort", function () {
-          clearTimeout(timer);
-          resolve();
-        });
+        signal.addEventListener("abort", wake);
       }
     });
+  }
+
+  const FIRST_RETRY_PAUSE = 1000;
+  const MAX_RETRY_PAUSE = 30000;
+
+  /**
+   * The retry rule of the handle loops (followEvents, waitAssigned): call attempt() until it
+   * answers.  A network error or a 5xx (the daemon restarting, a proxy in between) is tried again
+   * after a pause that doubles from options.retryPause (1 s) up to 30 s, calling
+   * options.onError(error) each time; an API "no" (any 4xx: unknown handle, bad request) is final
+   * and rejects at once, as does an abort of signal.
+   */
+  async function retrying(attempt, options, signal) {
+    let pause = options.retryPause || FIRST_RETRY_PAUSE;
+    for (;;) {
+      if (signal.aborted) {
+        throw abortError();
+      }
+      try {
+        return await attempt();
+      } catch (error) {
+        if (signal.aborted || (error instanceof ApiError && error.status < 500)) {
+          throw error;
+        }
+        if (options.onError) {
+          options.onError(error);
+        }
+        await sleep(pause, signal);
+        pause = Math.min(pause * 2, MAX_RETRY_PAUSE);
+      }
+    }
   }
 
   /** A VM handle, as a worker page uses it. */
@@ -99,24 +173,84 @@
       this.handle = String(handle);
     }
 
-    /** {assigned: false} or {assigned: true, vmid, vm: {...}, expires, expireTime}. */
+    /** {assigned: false}, {assigned: false, lost: {vmid, reason, time}} or {assigned: true, vmid, vm, ...}. */
     status(signal) {
       return call(this.base, "GET", "/handle-status/" + segment(this.handle), { signal: signal });
     }
 
-    /** Poll handle-status until the handle has a VM (a lock may wait for a READY VM). */
+    /**
+     * Poll handle-status every options.interval ms (1000) until the handle has a VM.
+     *
+     * Resolves with the status once assigned.  Rejects with:
+     * - LostError when the handle's VM died first (handle-status has lost): no VM will come;
+     * - TimeoutError when options.timeout ms (none by default) passed first;
+     * - ApiError for a 4xx, e.g. status 404 / code "unknown-handle" (released, expired, never was);
+     * - an AbortError when options.signal aborts.
+     * Network errors and 5xx answers are retried as followEvents does (see retrying: a pause from
+     * options.retryPause, 1 s, doubling up to 30 s; options.onError(error) for each).
+     */
     async waitAssigned(options) {
       options = options || {};
       const interval = options.interval || 1000;
-      for (;;) {
-        if (options.signal && options.signal.aborted) {
-          throw new Error("aborted");
+      const outer = options.signal;
+      if (outer && outer.aborted) {
+        throw abortError();
+      }
+      // One signal stops everything in flight, whether the caller aborted or the time ran out.
+      const controller = new AbortController();
+      const signal = controller.signal;
+      const abort = function () {
+        controller.abort();
+      };
+      if (outer) {
+        outer.addEventListener("abort", abort);
+      }
+      const self = this;
+      const poll = (async function () {
+        for (;;) {
+          const status = await retrying(function () {
+            return self.status(signal);
+          }, options, signal);
+          if (status.assigned) {
+            return status;
+          }
+          if (status.lost) {
+            throw new LostError(self.handle, status);
+          }
+          await sleep(interval, signal);
+          if (signal.aborted) {
+            throw abortError();
+          }
         }
-        const status = await this.status(options.signal);
-        if (status.assigned) {
-          return status;
+      })();
+      let timer = null;
+      const contenders = [poll];
+      if (options.timeout !== undefined && options.timeout !== null) {
+        // A race, not only an abort: the timeout holds even if a fetch ignores its signal.
+        contenders.push(
+          new Promise(function (resolve, reject) {
+            timer = setTimeout(function () {
+              reject(new TimeoutError(options.timeout));
+            }, Math.max(0, options.timeout));
+          }),
+        );
+      }
+      try {
+        return await Promise.race(contenders);
+      } catch (error) {
+        if (outer && outer.aborted && !(error instanceof TimeoutError)) {
+          throw abortError();
         }
-        await sleep(interval, options.signal);
+        throw error;
+      } finally {
+        clearTimeout(timer);
+        if (outer) {
+          outer.removeEventListener("abort", abort);
+        }
+        controller.abort();
+        poll.catch(function () {
+          /* the loser of the race ends quietly */
+        });
       }
     }
 
@@ -149,43 +283,40 @@
     /**
      * Call onEvent(event) for every event from now on, in order, until stop() or the handle ends.
      *
-     * Network errors and 5xx answers are retried with a growing pause (up to 30 s); a 4xx (the
-     * handle was released or expired) ends the loop and calls options.onEnd(error).
+     * Network errors and 5xx answers are retried (see retrying: a pause from options.retryPause,
+     * 1 s, doubling up to 30 s; options.onError(error) for each); a 4xx (the handle was released
+     * or expired) ends the loop and calls options.onEnd(error), as does an exception thrown by
+     * onEvent (retrying would deliver the same events again); stop() ends it with onEnd(null).
      * Returns {stop(), done}: done resolves when the loop has ended.
      */
     followEvents(onEvent, options) {
       options = options || {};
       const controller = new AbortController();
+      const signal = controller.signal;
       const self = this;
       const done = (async function () {
         let lastId = options.lastId;
-        let pause = 1000;
-        while (!controller.signal.aborted) {
-          try {
+        try {
+          while (!signal.aborted) {
             if (lastId === undefined) {
-              lastId = await self.lastEventId();
+              lastId = await retrying(function () {
+                return self.lastEventId();
+              }, options, signal);
             }
-            const answer = await self.fetchEvents(lastId, options.wait, controller.signal);
+            const answer = await retrying(function () {
+              return self.fetchEvents(lastId, options.wait, signal);
+            }, options, signal);
             for (const event of answer.newEvents) {
               onEvent(event);
             }
             lastId = answer.lastId;
-            pause = 1000;
-          } catch (error) {
-            if (controller.signal.aborted) {
-              break;
+          }
+        } catch (error) {
+          if (!signal.aborted) {
+            if (options.onEnd) {
+              options.onEnd(error);
             }
-            if (error instanceof ApiError && error.status < 500) {
-              if (options.onEnd) {
-                options.onEnd(error);
-              }
-              return;
-            }
-            if (options.onError) {
-              options.onError(error);
-            }
-            await sleep(pause, controller.signal);
-            pause = Math.min(pause * 2, 30000);
+            return;
           }
         }
         if (options.onEnd) {
@@ -243,6 +374,8 @@
 
   return {
     ApiError: ApiError,
+    LostError: LostError,
+    TimeoutError: TimeoutError,
     Handle: Handle,
     Admin: Admin,
     handle: function (base, handle) {

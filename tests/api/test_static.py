@@ -116,8 +116,46 @@ class ServedFilesTests(TestCase):
             calls = [name for name, _ in self.pool.calls]
             self.assertIn(("renew_expire", (self.pool.handle, 1500)), self.pool.calls)
             self.assertEqual(calls[-2:], ["release", "handle_status"])
+            self.check_scripted_outcomes(seen["scripted"])
 
         return Deferred.fromCoroutine(check())
+
+    def check_scripted_outcomes(self, found: dict[str, Any]) -> None:
+        """waitAssigned and followEvents against a scripted fetch: every way a wait can end."""
+        hung = [name for name, seen in found.items() if seen.get("hung")]
+        self.assertEqual(hung, [], "waits that never ended")
+        lost = {"vmid": "vm3", "reason": "the server vanished", "time": 1796410000123}
+        self.assertEqual(
+            (found["lost"]["error"]["isLostError"], found["lost"]["error"]["lost"], found["lost"]["asked"]),
+            (True, lost, 2),
+            "a lost VM ends the wait at once",
+        )
+        for name, timeout in (("timeout", 60), ("hungTimeout", 30)):
+            error = found[name]["error"]
+            self.assertEqual((error["isTimeoutError"], error["timeout"]), (True, timeout), name)
+            self.assertGreaterEqual(found[name]["ms"], timeout - 5, name)
+        self.assertGreater(found["timeout"]["asked"], 1, "it polled until the time ran out")
+        self.assertEqual(found["hungTimeout"]["asked"], 1, "a request that never answers still times out")
+        self.assertEqual(
+            (found["retried"]["value"], found["retried"]["errors"], found["retried"]["asked"]),
+            ({"assigned": True, "vmid": "vm7"}, ["TypeError", "TypeError", "ApiError"], 5),
+            "network errors and a 5xx are retried, then the wait goes on",
+        )
+        self.assertEqual(
+            (found["unknown"]["error"], found["unknown"]["asked"]),
+            (
+                {"name": "ApiError", "status": 404, "code": "unknown-handle", "isApiError": True}
+                | {"isLostError": False, "isTimeoutError": False},
+                1,
+            ),
+            "an unknown handle ends the wait, without retries",
+        )
+        self.assertEqual(found["aborted"]["error"]["name"], "AbortError")
+        self.assertEqual(
+            (found["follow"]["value"], found["follow"]["errors"], found["follow"]["asked"]),
+            ({"events": [2], "end": "unknown-handle"}, ["TypeError", "ApiError"], 5),
+            "followEvents keeps the same retry rule",
+        )
 
 
 class PageSourceTests(SynchronousTestCase):
