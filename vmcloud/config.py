@@ -220,6 +220,54 @@ def _validate(config: Config) -> None:
         raise ConfigError("[broker] guest_login: needed with an external broker (guests share it there)")
 
 
+#: The shortest kernel queue of not-yet-accepted connections any of the daemon's listeners gets.
+#: Twisted's default is 50: when a restarted broker comes back, every guest of the pool connects
+#: within the same second, and with 50 slots the rest of their SYNs are dropped and retried one,
+#: three, seven seconds later (2,000 simultaneous connects stalled for up to a second).
+MIN_LISTEN_BACKLOG = 1024
+
+#: strports kinds that take a ``backlog=`` argument (systemd's inherited sockets, for one, do not:
+#: their backlog is the socket unit's ``Backlog=``).
+_BACKLOG_KINDS = frozenset({"tcp", "tcp6", "ssl", "unix"})
+
+
+def listen_backlog(max_pool_size: int) -> int:
+    """The backlog of the daemon's listeners: room for every guest of the largest pool, and a few
+    operators or tools, to connect at once (each guest has one connection, so one SYN at a time).
+
+    The kernel caps it at ``net.core.somaxconn`` (4096 by default since Linux 5.4).
+    """
+    return max(MIN_LISTEN_BACKLOG, max_pool_size + 64)
+
+
+def _split_description(description: str) -> list[str]:
+    """A strports description's ``:``-separated parts (``\\:`` is a colon inside a part)."""
+    parts, part, escaped = [], [], False
+    for char in description:
+        if escaped:
+            part.append(char)
+            escaped = False
+        elif char == "\\":
+            part.append(char)
+            escaped = True
+        elif char == ":":
+            parts.append("".join(part))
+            part = []
+        else:
+            part.append(char)
+    parts.append("".join(part))
+    return parts
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """``description`` listening with ``backlog``, unless it already says ``backlog=`` (the
+    operator's choice stands) or is of a kind that takes none."""
+    parts = _split_description(description)
+    if parts[0] not in _BACKLOG_KINDS or any(part.startswith("backlog=") for part in parts[1:]):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 def listens_on_loopback_only(description: str) -> bool:
     """Whether a strports server description binds to the loopback interface only."""
     parts = description.split(":")

@@ -36,7 +36,15 @@ from twisted.web.server import Site
 
 from vmcloud import memory
 from vmcloud.api.accesslog import redacted_log_formatter
-from vmcloud.config import DEFAULT_API, Config, ConfigError, listens_on_loopback_only, parse_config
+from vmcloud.config import (
+    DEFAULT_API,
+    Config,
+    ConfigError,
+    listen_backlog,
+    listens_on_loopback_only,
+    parse_config,
+    with_backlog,
+)
 from vmcloud.service import SequentialMultiService
 
 log = Logger()
@@ -162,6 +170,9 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
     state_dir = FilePath(os.path.abspath(config.pool.state_dir))
     state_dir.makedirs(ignoreExistingDirectory=True)
     controller_name = config.pool.controller_name or socket.gethostname()
+    # every listener queues a whole pool's reconnects (a restarted broker), see listen_backlog
+    backlog = listen_backlog(config.pool.max_pool_size)
+    _warn_if_backlog_capped(backlog)
 
     cloud_threads = ThreadPoolService(reactor, "vmcloud-cloud", config.pool.cloud_threads)
     cloud_threads.setServiceParent(root)
@@ -201,7 +212,8 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
             operators=config.broker.users,
             anonymous_guests=anonymous,
         )
-        strports.service(config.broker.listen, broker.factory()).setServiceParent(root)
+        listener = strports.service(with_backlog(config.broker.listen, backlog), broker.factory(), reactor)
+        listener.setServiceParent(root)
         session = broker.attach_local("controller")
         credentials = broker.credentials
         guest_broker = config.broker.guest_broker or guest_broker_address(config.broker.listen)
@@ -254,7 +266,9 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
             interface = driver.broker_listen_interface()
             if interface is not None and not config.broker.external:
                 port = _port_of(config.broker.listen)
-                listener = strports.service(f"tcp:{port}:interface={interface}", broker.factory())
+                listener = strports.service(
+                    with_backlog(f"tcp:{port}:interface={interface}", backlog), broker.factory(), reactor
+                )
                 listener.setServiceParent(root)
                 log.info(
                     "guests in namespaces reach the broker on {interface}:{port}",
@@ -310,7 +324,7 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
         long_poll_default=config.api.long_poll_default,
     )
     site = _make_site(app.resource(), config.api.access_log, state_dir)
-    strports.service(listen, site).setServiceParent(root)
+    strports.service(with_backlog(listen, backlog), site, reactor).setServiceParent(root)
     return root
 
 
@@ -328,6 +342,24 @@ def _make_site(resource: Any, access_log: str, state_dir: FilePath[str]) -> Site
         return site
     path = access_log if os.path.isabs(access_log) else state_dir.child(access_log).path
     return Site(resource, logPath=path, logFormatter=redacted_log_formatter)
+
+
+def _warn_if_backlog_capped(backlog: int, path: str = "/proc/sys/net/core/somaxconn") -> None:
+    """Say so when the kernel gives the listeners a shorter queue than ``backlog`` (it caps every
+    listen backlog at ``net.core.somaxconn`` without telling the program)."""
+    try:
+        with open(path) as f:
+            cap = int(f.read().strip())
+    except (OSError, ValueError):
+        return  # not Linux, or not readable: nothing to say
+    if cap < backlog:
+        log.warn(
+            "the kernel caps listen backlogs at net.core.somaxconn = {cap}, below the {backlog} this pool "
+            "needs to take every guest reconnecting at once; raise it: sysctl net.core.somaxconn={backlog}",
+            cap=cap,
+            backlog=backlog,
+            event="listen-backlog-capped",
+        )
 
 
 def _port_of(description: str) -> int:
