@@ -109,12 +109,15 @@ class GuestAgent(Service):
         self._interpreter: Interpreter[IAgentContext] = Interpreter(agent_words(), self)
         self._subscriptions: list[str] = []
         self._beacon: LoopingCall | None = None
+        #: Why the browser is beyond repair; then the agent said BYE and stays silent.
+        self.broken: str | None = None
 
     # ------------------------------------------------------------------ service
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         super().startService()
         self._browser.on_page_load = self._page_loaded
+        self._browser.on_broken = self._browser_broken
         for destination in (guest_destination(self._identity), BROADCAST):
             self._subscriptions.append(self._session.subscribe(destination, self._heard))
         self._beacon = LoopingCall(self._say_still_alive)
@@ -137,12 +140,13 @@ class GuestAgent(Service):
         if self._beacon is not None and self._beacon.running:
             self._beacon.stop()
         self._beacon = None
-        if self._session.is_connected:
+        if self._session.is_connected and self.broken is None:
             self.say(self._presence(Bye))
         for subscription in self._subscriptions:
             self._session.unsubscribe(subscription)
         self._subscriptions = []
         self._browser.on_page_load = None
+        self._browser.on_broken = None
         self._runner.kill_all()
         log.info("Guest agent {identity} stopped", identity=self._identity, event="agent-stopped")
 
@@ -151,12 +155,17 @@ class GuestAgent(Service):
 
     def connected(self) -> None:
         """The session is (again) up: say HELLO, so the controller (re)registers us."""
+        if self.broken is not None:
+            self.say(self._presence(Bye))  # a broken VM must not be registered again, only replaced
+            return
         self.say(self._presence(Hello))
         log.info("Said HELLO as {identity}", identity=self._identity, event="agent-hello")
 
     def _say_still_alive(self) -> None:
         try:
-            if self._session.is_connected:  # queued beacons would only say something stale
+            if (
+                self._session.is_connected and self.broken is None
+            ):  # queued beacons would only say something stale
                 self.say(self._presence(StillAlive))
         except Exception:
             log.failure("Could not say STILL_ALIVE")
@@ -170,8 +179,34 @@ class GuestAgent(Service):
             capabilities=self.capabilities,
         )
 
-    def _page_loaded(self, url: str, title: str) -> None:
-        self.say(PageLoad.how_to_say(identity=self._identity, url=url, title=title))
+    def _page_loaded(self, event: Mapping[str, Any]) -> None:
+        tab = event.get("tab")
+        self.say(
+            PageLoad.how_to_say(
+                identity=self._identity,
+                action=str(event.get("action", PageLoad.action)),
+                url=str(event.get("url", "")),
+                title=str(event.get("title", "")),
+                tab=tab if isinstance(tab, int) else None,
+                error=str(event["error"]) if event.get("error") is not None else None,
+                reason=str(event["reason"]) if event.get("reason") is not None else None,
+            )
+        )
+
+    def _browser_broken(self, reason: str) -> None:
+        """The browser cannot be repaired: say BYE (the controller marks the VM ERROR, tells an
+        occupied VM's handle ``vm-died`` and boots a replacement), then stay silent: no beacon, no
+        HELLO after a reconnect, so the VM is never handed out again."""
+        if self.broken is not None:
+            return
+        self.broken = reason
+        log.error(
+            "The browser is beyond repair ({reason}); saying BYE so the controller replaces this VM",
+            reason=reason,
+            event="agent-browser-broken",
+        )
+        if self._session.is_connected:
+            self.say(self._presence(Bye))
 
     # ------------------------------------------------------------------ IAgentContext
 

@@ -28,8 +28,12 @@ from zope.interface import Attribute, Interface, implementer
 
 from vmcloud.pool.interfaces import Cookie
 
-#: Called for every top-level page load, with the URL and the page's title.
-PageLoadCallback = Callable[[str, str], None]
+#: Called for every page event: ``{"action": "page-load", "url", "title", "tab"}`` (``tab`` only from
+#: a real browser), ``{"action": "page-error", "url", "error", ...}``, ``{"action": "browser-restarted",
+#: "reason"}``.
+PageLoadCallback = Callable[[Mapping[str, Any]], None]
+#: Called once when the browser is beyond repair, with the reason (the VM must be replaced).
+BrokenCallback = Callable[[str], None]
 
 #: Capability announced by :class:`NoBrowser` in HELLO.
 NO_BROWSER = "no-browser"
@@ -64,8 +68,12 @@ class IBrowser(Interface):
         "tuple of str announced in HELLO: what this browser can do ('no-browser', 'cdp', 'vnc', 'audio')"
     )
     on_page_load = Attribute(
-        "callable(url: str, title: str) -> None or None; called for every top-level page load. "
+        "callable(event: Mapping) -> None or None; called for every page event (see PageLoadCallback). "
         "The agent sets it once it can forward events to the controller; a callback that raises is logged."
+    )
+    on_broken = Attribute(
+        "callable(reason: str) -> None or None; called once if the browser cannot be repaired, so the "
+        "agent tells the controller to replace the VM."
     )
 
     async def prepare(
@@ -220,6 +228,7 @@ class NoBrowser:
     def __init__(self, clock: IReactorTime, on_page_load: PageLoadCallback | None = None) -> None:
         self._clock = clock
         self.on_page_load = on_page_load
+        self.on_broken: BrokenCallback | None = None  # a stand-in never breaks
         self.prepared: PreparedBrowser | None = None
         self._pending: IDelayedCall | None = None
 
@@ -278,7 +287,7 @@ class NoBrowser:
             return
         try:
             # No page was loaded, so there is no title to report.
-            callback(session.homepage, "")
+            callback({"action": "page-load", "url": session.homepage, "title": ""})
         except Exception:
             log.failure(
                 "The page-load listener failed for {url}",

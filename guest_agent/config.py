@@ -37,6 +37,11 @@ max_output          1MiB                        bytes of stdout and of stderr ke
 max_file_size       64MiB                       largest file FILE_PUT / FILE_GET will move
 command_timeout     300                         seconds, when CMD_RUN gives no timeout
 max_commands        8                           commands running at once
+browser             auto                        ``auto``: Chromium on Xvnc where installed, else
+                                                none; ``none``: no browser (``no-browser``)
+browser_user        nobody                      who Chromium runs as when the agent is root
+vnc_port            5900                        the VNC server's port on the VM's address (on a
+                                                shared loopback a free port is taken instead)
 ==================  ==========================  ============================================
 
 Sizes take an optional suffix: ``k``/``K``/``KiB`` (1024), ``M``/``MiB``, ``G``/``GiB``.
@@ -83,6 +88,9 @@ class GuestConfig:
     max_file_size: int = 64 * MiB
     command_timeout: float = 300.0
     max_commands: int = 8
+    browser: str = "auto"
+    browser_user: str = "nobody"
+    vnc_port: int = 5900
 
 
 #: Every configuration key, in the order of the example file.
@@ -182,13 +190,15 @@ def _coerce(key: str, where: str, raw: object) -> object:
         return seconds
     if key in ("max_output", "max_file_size"):
         return _size(label, value)
-    if key == "max_commands":
+    if key in ("max_commands", "vnc_port"):
         try:
             number = int(value)  # type: ignore[call-overload]
         except (TypeError, ValueError):
             raise GuestConfigError(f"{label}: expected a whole number, got {raw!r}") from None
         if number < 1:
             raise GuestConfigError(f"{label}: must be at least 1, got {number}")
+        if key == "vnc_port" and number > 65535:
+            raise GuestConfigError(f"{label}: not a TCP port, got {number}")
         return number
     if not isinstance(value, str):
         raise GuestConfigError(f"{label}: expected text, got {raw!r}")
@@ -198,6 +208,10 @@ def _coerce(key: str, where: str, raw: object) -> object:
         raise GuestConfigError(
             f"{label}: {value!r} cannot name a destination (letters, digits, '.', '_', '-'; at most 128)"
         )
+    if key == "browser" and value not in ("auto", "none"):
+        raise GuestConfigError(f"{label}: expected auto or none, got {value!r}")
+    if key == "browser_user" and not value:
+        raise GuestConfigError(f"{label}: must not be empty")
     if key == "login" and not value:
         raise GuestConfigError(f"{label}: must not be empty")
     if key == "workdir" and not value.startswith("/"):

@@ -11,7 +11,10 @@ of the default-route interface) and its broker (the default gateway, port 61613)
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import pwd
+import socket
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any, TypeVar
@@ -19,21 +22,25 @@ from typing import Any, TypeVar
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
 from guest_agent.agent import GuestAgent
-from guest_agent.browser import NoBrowser
+from guest_agent.browser import IBrowser, NoBrowser
 from guest_agent.commands import CommandRunner
 from guest_agent.config import GuestConfig, GuestConfigError, parse_guest_config, resolve_guest_config
 from guest_agent.files import FileStore
 from guest_agent.identity import NO_MAC, discover
+from guest_agent.stack import find_stack
 from vmcloud.service import SequentialMultiService
 from vmcloud.stomp.client import ReconnectingSession
 from vmcloud.words.files import MAX_FILE_BYTES
 
 T = TypeVar("T")
+
+log = Logger()
 
 #: Where the configuration file is looked for when ``--config`` is not given, first found wins.
 DEFAULT_CONFIG_FILES = ("/etc/vmcloud/vmcloud-guest.conf", "etc/vmcloud-guest.conf")
@@ -141,7 +148,44 @@ class FileThreads(Service):
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.pool.stop)
 
 
-def build_agent(reactor: Any, config: GuestConfig, *, ip: str | None, mac: str | None) -> IService:
+def make_browser(reactor: Any, config: GuestConfig, ip: str | None) -> IBrowser:
+    """The real browser stack where it is installed (and not switched off), else :class:`NoBrowser`."""
+    if config.browser == "none":
+        log.info("No browser: switched off by the configuration (browser = none)", event="browser-none")
+        return NoBrowser(reactor)
+    programs, missing = find_stack()
+    if programs is None:
+        log.warn(
+            "No browser: {missing} not installed (scripts/install.sh installs them); capability no-browser",
+            missing=", ".join(missing),
+            event="browser-none",
+        )
+        return NoBrowser(reactor)
+    from guest_agent.chromium import ChromiumBrowser
+
+    host = ip or "127.0.0.1"
+    port = config.vnc_port
+    if ipaddress.ip_address(host).is_loopback:
+        port = _free_port(host)  # the host's loopback is shared by every local VM
+    user = None
+    if os.geteuid() == 0:
+        try:
+            entry = pwd.getpwnam(config.browser_user)
+        except KeyError:
+            raise SystemExit(f"vmcloud-guest: browser_user {config.browser_user!r} does not exist") from None
+        user = (entry.pw_uid, entry.pw_gid)
+    return ChromiumBrowser(reactor, programs, vnc_host=host, vnc_port=port, user=user)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def build_agent(
+    reactor: Any, config: GuestConfig, *, ip: str | None, mac: str | None, browser: IBrowser | None = None
+) -> IService:
     """The agent's service tree for a resolved ``config`` (broker and identity known); not started.
 
     Start order: file threads, the STOMP session, the agent.  Stop order is the reverse, one at a
@@ -167,6 +211,10 @@ def build_agent(reactor: Any, config: GuestConfig, *, ip: str | None, mac: str |
         max_concurrent=config.max_commands,
     )
     files = FileStore(FilePath(config.workdir), max_size=min(config.max_file_size, MAX_FILE_BYTES))
+    if browser is None:
+        browser = make_browser(reactor, config, ip)
+    if IService.providedBy(browser):
+        IService(browser).setServiceParent(root)  # started before the agent, stopped after it
     agent = GuestAgent(
         reactor,
         session,
@@ -176,7 +224,7 @@ def build_agent(reactor: Any, config: GuestConfig, *, ip: str | None, mac: str |
         agent_version=agent_version(),
         runner=runner,
         files=files,
-        browser=NoBrowser(reactor),
+        browser=browser,
         workdir=files.root,
         beacon_interval=config.beacon_interval,
         dispatch=threads.dispatch,

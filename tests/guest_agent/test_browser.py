@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
@@ -35,7 +36,9 @@ class NoBrowserTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.loads: list[tuple[str, str]] = []
-        self.browser = NoBrowser(self.clock, on_page_load=lambda url, title: self.loads.append((url, title)))
+        self.browser = NoBrowser(
+            self.clock, on_page_load=lambda event: self.loads.append((event["url"], event["title"]))
+        )
 
     def prepare(self, *args: Any, **kw: Any) -> dict[str, Any]:
         return self.successResultOf(ensureDeferred(self.browser.prepare(*args, **kw)))
@@ -101,7 +104,7 @@ class NoBrowserTests(SynchronousTestCase):
         self.successResultOf(ensureDeferred(browser.prepare(HOME, [], (800, 600), False)))
         self.clock.advance(0)  # no listener yet: nothing to do, nothing breaks
 
-        def broken(url: str, title: str) -> None:
+        def broken(event: Mapping[str, Any]) -> None:
             raise RuntimeError("controller gone")
 
         events: list[LogEvent] = []

@@ -222,23 +222,62 @@ class Cleanup:
 
 
 class PageLoad:
-    """Guest → controller event: the browser loaded a top-level page."""
+    """Guest → controller event: the browser loaded a top-level page (or could not, or restarted).
+
+    ``{"action": "page-load", "url", "title", "tab"}`` for a page the worker reached (``tab``
+    numbers the session's tabs and popups from 1); ``"page-error"`` with ``error`` for a page that
+    could not be loaded; ``"browser-restarted"`` with ``reason`` when the guest had to restart a
+    crashed or hung browser on the session's home page.  ``tab``, ``error`` and ``reason`` are
+    optional, so an agent that says only url and title is still understood.
+    """
 
     name: ClassVar[str] = "PAGE_LOAD"
     action: ClassVar[str] = "page-load"
+    actions: ClassVar[frozenset[str]] = frozenset({"page-load", "page-error", "browser-restarted"})
 
     @classmethod
-    def how_to_say(cls, *, identity: str, url: str, title: str) -> Said:
-        payload = {"action": cls.action, "url": url[:_MAX_URL], "title": title[:_MAX_TITLE]}
+    def how_to_say(
+        cls,
+        *,
+        identity: str,
+        url: str = "",
+        title: str = "",
+        tab: int | None = None,
+        action: str = "page-load",
+        error: str | None = None,
+        reason: str | None = None,
+    ) -> Said:
+        if action not in cls.actions:
+            raise ValueError(f"PAGE_LOAD has no action {action!r}")
+        payload: dict[str, Any] = {"action": action, "url": url[:_MAX_URL], "title": title[:_MAX_TITLE]}
+        if tab is not None:
+            payload["tab"] = tab
+        if error is not None:
+            payload["error"] = error[:_MAX_TITLE]
+        if reason is not None:
+            payload["reason"] = reason[:_MAX_TITLE]
         return Said(CONTROLLER, {IDENTITY: identity}, json_body(cls.name, payload))
 
     async def listen_and_act(self, frame: Frame, context: IControllerContext) -> None:
         payload = json_payload(frame)
-        url, title = payload.get("url"), payload.get("title", "")
+        action = payload.get("action", self.action)
+        if action not in self.actions:
+            raise MalformedWord(f"action must be one of {sorted(self.actions)}")
+        url, title = payload.get("url", ""), payload.get("title", "")
         if not isinstance(url, str) or len(url) > _MAX_URL:
             raise MalformedWord(f"url must be a string of at most {_MAX_URL} characters")
         if not isinstance(title, str):
             raise MalformedWord("title must be a string")
-        context.heard_event(
-            sender_of(frame), {"action": self.action, "url": url, "title": title[:_MAX_TITLE]}
-        )
+        event: dict[str, Any] = {"action": action, "url": url, "title": title[:_MAX_TITLE]}
+        tab = payload.get("tab")
+        if tab is not None:
+            if not isinstance(tab, int) or isinstance(tab, bool) or not 0 < tab < 1_000_000:
+                raise MalformedWord("tab must be a positive integer")
+            event["tab"] = tab
+        for key in ("error", "reason"):
+            text = payload.get(key)
+            if text is not None:
+                if not isinstance(text, str):
+                    raise MalformedWord(f"{key} must be a string")
+                event[key] = text[:_MAX_TITLE]
+        context.heard_event(sender_of(frame), event)
