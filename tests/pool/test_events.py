@@ -59,6 +59,21 @@ class FetchEventsTests(SynchronousTestCase):
         w.channel.event(other.identity, page(2))
         self.assertEqual(w.pool.last_event_id(handle), start)
 
+    def test_a_ready_vms_home_page_event_reaches_the_handle_that_takes_it(self) -> None:
+        """The browser says its home page while the VM waits READY; the worker's handle hears it."""
+        w, _, _ = locked()
+        w.settle()  # the batch's replacement is READY
+        ready = next(vm for vm in w.state.vms.values() if vm.state.value == "READY")
+        w.channel.event(ready.identity, page(1))
+        batch = ready.batch
+        assert batch is not None
+        handle = w.pool.lock(batch)
+        answer = self.successResultOf(self.fetch(w, handle, 0))
+        self.assertEqual(
+            [e["data"] for e in answer["newEvents"]][-2:],
+            [{"action": "vm-assigned", "vmid": ready.vmid}, page(1)],
+        )
+
     def test_long_poll_returns_as_soon_as_an_event_arrives(self) -> None:
         w, handle, identity = locked()
         start = w.pool.last_event_id(handle)

@@ -63,6 +63,7 @@ class PoolState:
         "_by_state",
         "_capabilities",
         "_pending_by_batch",
+        "_ready_events",
         "_released",
         "_slots",
         "batches",
@@ -115,6 +116,9 @@ class PoolState:
         self._slots: dict[tuple[VMState, str | None], dict[str, None]] = {}
         self._released: dict[str, None] = {}
         self._pending_by_batch: dict[str, int] = {}
+        #: Events a READY VM's guest said before a handle took it (its home page's load), by vmid:
+        #: the handle that takes the VM hears them after vm-assigned.  Not checkpointed.
+        self._ready_events: dict[str, list[Mapping[str, Any]]] = {}
         self._by_server: dict[str, str] = {}
         self._by_login: dict[str, str] = {}
         self._by_identity: dict[str, str] = {}
@@ -179,6 +183,8 @@ class PoolState:
         if old is None or old.state is not vm.state:
             if old is not None:
                 self._by_state[old.state].pop(vmid, None)
+                if old.state is VMState.READY and vm.state is not VMState.OCCUPIED and self._ready_events:
+                    self._ready_events.pop(vmid, None)  # never lent: its early events go with it
             self._by_state[vm.state][vmid] = None
         old_slot = _slot(old)
         new_slot = _slot(vm)
@@ -215,6 +221,7 @@ class PoolState:
             return None
         self.changes += 1
         self._by_state[vm.state].pop(vmid, None)
+        self._ready_events.pop(vmid, None)
         slot = _slot(vm)
         if slot is not None:
             self._unslot(slot, vmid)
@@ -306,6 +313,8 @@ class PoolState:
         self.handles[token] = attrs.evolve(handle, vmid=vmid)
         self.put(model.occupied(vm, token, now))
         self.add_event(token, {"action": "vm-assigned", "vmid": vmid}, now)
+        for data in self._ready_events.pop(vmid, ()):
+            self.add_event(token, data, now)
 
     def release_handle(self, token: str) -> Handle | None:
         """Forget a handle; its VM, if any, waits OCCUPIED for its cleanup."""
@@ -503,6 +512,11 @@ class PoolState:
     def guest_event(self, identity: str, data: Mapping[str, Any], now: float) -> Event | None:
         """An event from a guest goes to the handle holding its VM; otherwise nobody wants it."""
         vm = self.vm_by_identity(identity)
+        if vm is not None and vm.state is VMState.READY:
+            kept = self._ready_events.setdefault(vm.vmid, [])
+            if len(kept) < 16:
+                kept.append(data)
+            return None
         if vm is None or vm.state is not VMState.OCCUPIED or vm.handle is None:
             return None
         return self.add_event(vm.handle, data, now)
