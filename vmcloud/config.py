@@ -68,8 +68,8 @@ class PoolSettings:
 class LocalSettings:
     max_vms: int = 8
     netns: str = "auto"  # auto | yes | no
-    subnet: str = "10.251.0.0/24"
-    bridge: str = "vmcbr0"
+    subnet: str = ""  # empty: a free /24 of 10.200.0.0/13, probed from a hash of the state dir
+    bridge: str = ""  # empty: vmcb + a hash of the state dir and prefix (two daemons never share it)
 
 
 @attrs.frozen
@@ -212,6 +212,16 @@ def _validate(config: Config) -> None:
         raise ConfigError("[broker] anonymous_guests: expected auto, yes or no")
     if config.local.netns not in ("auto", "yes", "no"):
         raise ConfigError("[local] netns: expected auto, yes or no")
+    if config.pool.driver == "local":
+        from vmcloud.drivers.netns import check_bridge_name, check_subnet
+
+        for key, check in (("subnet", check_subnet), ("bridge", check_bridge_name)):
+            value = getattr(config.local, key)
+            if value:
+                try:
+                    check(value)
+                except ValueError as e:
+                    raise ConfigError(f"[local] {key}: {e}") from None
     if not config.pool.prefix:
         raise ConfigError("[pool] prefix: must not be empty (it is what marks our servers in the cloud)")
     if config.pool.max_pool_size < 1:

@@ -246,7 +246,8 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
             controller_name=controller_name,
         )
     else:
-        from vmcloud.drivers.local import LocalDriver, guest_agent_argv
+        from vmcloud.drivers.claims import HostInUse
+        from vmcloud.drivers.local import LocalDriver, guest_agent_argv, vm_environment
 
         netns = {"yes": True, "no": False, "auto": None}[config.local.netns]
         driver = LocalDriver(
@@ -257,12 +258,20 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
             netns=netns,
             agent_argv=guest_agent_argv(),
             broker_port=_port_of(config.broker.listen),
-            subnet=config.local.subnet,
-            bridge=config.local.bridge,
+            subnet=config.local.subnet or None,  # empty: derived from the state dir
+            bridge=config.local.bridge or None,
+            environ=vm_environment(environ),
         )
+        # before anything reads the state dir: a second daemon on it stops here (HostInUse)
+        driver.claim_state_dir()
 
         async def prepare_local() -> None:
-            await driver.prepare()
+            try:
+                await driver.prepare()
+            except HostInUse as e:  # a bridge or subnet of another daemon: never touch it, stop
+                log.critical("Stopping: {reason}", reason=str(e), event="daemon-refused")
+                reactor.stop()
+                return
             interface = driver.broker_listen_interface()
             if interface is not None and not config.broker.external:
                 port = _port_of(config.broker.listen)
@@ -382,7 +391,12 @@ def makeService(options: Options) -> IService:  # noqa: N802 - twistd's name
 
     _raise_file_limit()
     memory.tune_allocator()  # before the thread pools start: arenas already made stay
-    service = build_controller(reactor, options.config, os.environ)
+    from vmcloud.drivers.claims import HostInUse
+
+    try:
+        service = build_controller(reactor, options.config, os.environ)
+    except HostInUse as e:  # another daemon runs on this state dir: nothing was started
+        raise SystemExit(f"vmcloud: refusing to start: {e}") from None
     # Everything built so far lives as long as the daemon: keep it out of the garbage collector's
     # generations, so collections stay short (they showed as millisecond stalls in the broker's p99);
     # from then on, the survivors of every full collection likewise.

@@ -22,8 +22,13 @@ from vmcloud.drivers.netns import (
 from vmcloud.pool.interfaces import ACTIVE, DELETING, ERROR, BootRequest, GuestCredentials, ICloudDriver
 
 
-def layout(prefix: str = "vmcloud-vm-", subnet: str = "10.251.0.0/24", bridge: str = "vmcbr0") -> NetnsLayout:
-    return NetnsLayout.from_strings(prefix, subnet, bridge)
+def layout(
+    prefix: str = "vmcloud-vm-",
+    subnet: str = "10.251.0.0/24",
+    bridge: str = "vmcbr0",
+    state_dir: str = "/srv/a",
+) -> NetnsLayout:
+    return NetnsLayout.from_strings(prefix, subnet, bridge, state_dir)
 
 
 class LayoutTests(SynchronousTestCase):
@@ -101,7 +106,7 @@ class HostNetworkTests(SynchronousTestCase):
 
     def test_create_builds_an_isolated_port(self) -> None:
         runner = RecordingRunner()
-        self.successResultOf(_defer(HostNetwork(runner, self.plan).create(self.net)))
+        self.successResultOf(_defer(HostNetwork(runner).create(self.net, "tbr0")))
         lines = [" ".join(c) for c in runner.calls]
         ns = self.net.namespace
         self.assertIn(f"ip netns add {ns}", lines)
@@ -109,6 +114,7 @@ class HostNetworkTests(SynchronousTestCase):
             f"ip link add {self.net.veth} type veth peer name eth0 address {self.net.mac} netns {ns}", lines
         )
         self.assertIn(f"bridge link set dev {self.net.veth} isolated on", lines)
+        self.assertIn(f"ip link set {self.net.veth} master tbr0 up", lines)
         self.assertIn(f"ip -n {ns} addr add 10.252.3.2/24 dev eth0", lines)
 
     def test_failed_create_removes_what_it_built(self) -> None:
@@ -121,7 +127,7 @@ class HostNetworkTests(SynchronousTestCase):
             },
         )
         failure = self.failureResultOf(
-            _defer(HostNetwork(runner, self.plan).create(self.net)), NetworkCommandError
+            _defer(HostNetwork(runner).create(self.net, "tbr0")), NetworkCommandError
         )
         self.assertIn("Operation not permitted", str(failure.value))
         lines = [" ".join(c) for c in runner.calls]
@@ -130,9 +136,7 @@ class HostNetworkTests(SynchronousTestCase):
 
     def test_destroy_of_missing_things_does_nothing(self) -> None:
         runner = RecordingRunner()
-        self.successResultOf(
-            _defer(HostNetwork(runner, self.plan).destroy(self.net.namespace, self.net.veth))
-        )
+        self.successResultOf(_defer(HostNetwork(runner).destroy(self.net.namespace, self.net.veth)))
         self.assertFalse([c for c in runner.calls if "del" in c])
 
 

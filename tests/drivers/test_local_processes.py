@@ -133,9 +133,11 @@ class LocalDriverMixin:
         self.prefix = f"t{uniq}-vm-"
         self.bridge = f"tb{uniq}"[:15]
         self.subnet = f"10.252.{os.getpid() % 200 + 10}.0/24"
-        self.layout = NetnsLayout.from_strings(self.prefix, self.subnet, self.bridge)
         self.state = FilePath(test.mktemp())
         self.state.makedirs()
+        self.layout = NetnsLayout.from_strings(
+            self.prefix, self.subnet, self.bridge, os.path.realpath(self.state.path)
+        )
         self.out = FilePath(test.mktemp())
         self.out.makedirs()
         self.script = self.out.child("vm.py")
@@ -360,6 +362,7 @@ class LocalDriverMixin:
         def broken(request: BootRequest, broker: str) -> list[str]:
             raise KeyError("agent")
 
+        await self.driver.stop(keep_vms=True)  # one driver per state dir: the next one takes over
         driver = self.make_driver(agent_argv=broken)
         with test.assertRaises(BadCloudRequest):
             await driver.boot(self.request("e"))
@@ -428,7 +431,8 @@ class LocalDriverMixin:
     async def test_adopted_vm_that_dies_shows_error(self) -> None:
         test: TestCase = self  # type: ignore[assignment]
         sid, info = await self.boot_and_wait("a")
-        second = self.make_driver()  # shares the state dir, as a restarted controller would
+        await self.driver.stop(keep_vms=True)
+        second = self.make_driver()  # takes over the state dir, as a restarted controller would
         test.assertEqual((await self.status_of(sid, second) or ServerStatus("", "", "")).status, ACTIVE)
         os.kill(info["pid"], signal.SIGKILL)
 

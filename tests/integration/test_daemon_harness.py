@@ -80,7 +80,6 @@ class Daemon(VmcloudDaemon):
         ``settings`` override the keys below as ``section_key=value`` (``pool_timeout_operation=120``).
         """
         self.prefix, self.bridge, self.subnet = _names(kind)
-        self.layout = NetnsLayout.from_strings(self.prefix, self.subnet, self.bridge)
         sections: dict[str, dict[str, Any]] = {
             "pool": {
                 "prefix": self.prefix,
@@ -97,6 +96,10 @@ class Daemon(VmcloudDaemon):
             "api": {"long_poll_default": 2},
         }
         super().__init__(base, sections, settings)
+        # the names of namespaces and veths carry a hash of the daemon's resolved state dir
+        self.layout = NetnsLayout.from_strings(
+            self.prefix, self.subnet, self.bridge, os.path.realpath(self.state_dir)
+        )
 
     # ------------------------------------------------------------------ the VMs' processes
 

@@ -18,6 +18,13 @@ Each VM has a directory ``<state_dir>/local/<server_id>/`` that is its working d
 and a record ``<state_dir>/local/<server_id>.json`` (server id, name, pid, pgid, start time,
 namespace, IP, MAC, metadata, state), so that a restarted controller re-adopts the VMs that are
 still alive and really kills those the pool deletes.
+
+One daemon per state directory: the driver holds ``<state_dir>/local.lock``
+(:class:`~vmcloud.drivers.claims.StateDirClaim`) from :meth:`LocalDriver.prepare` (or
+:meth:`LocalDriver.claim_state_dir`, which the composition root calls before anything reads the
+state dir) until :meth:`LocalDriver.stop`.  Daemons with different state directories share the host
+safely: their bridge, namespaces, veths and subnet are derived from the state directory, and a
+bridge made by another daemon is never used nor removed (see :mod:`vmcloud.drivers.netns`).
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ from __future__ import annotations
 import configparser
 import contextlib
 import io
-import ipaddress
 import json
 import os
 import signal
@@ -44,13 +50,29 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from vmcloud.drivers.claims import (
+    HOST_LOCK_PATH,
+    HostInUse,
+    HostLock,
+    StateDirClaim,
+    boot_id,
+    describe_owner,
+    process_start_time,
+    stat_fields,
+)
 from vmcloud.drivers.netns import (
     SYSTEM_PATH,
     HostNetwork,
     NetnsLayout,
     NetworkCommandError,
     VmNetwork,
+    bridge_alias,
+    check_bridge_name,
+    check_subnet,
+    choose_subnet,
+    derived_bridge,
     find_tool,
+    pool_tag,
     process_runner,
 )
 from vmcloud.pool.interfaces import (
@@ -75,8 +97,8 @@ WORK_DIR = "work"
 #: Where the VM's processes write their stdout and stderr, relative to its working directory.
 CONSOLE_LOG_FILE = "console.log"
 
-#: What VM processes inherit of the daemon's environment by default (plus ``HOME``, the VM's
-#: directory, and ``VMCLOUD_VMID``, ``VMCLOUD_SERVER_ID``, ``VMCLOUD_USER_DATA``).
+#: What VM processes inherit of the daemon's environment (see :func:`vm_environment`; plus ``HOME``,
+#: the VM's directory, and ``VMCLOUD_VMID``, ``VMCLOUD_SERVER_ID``, ``VMCLOUD_USER_DATA``).
 PASSED_ENVIRONMENT = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
 
 #: Builds the argv of a VM's processes from the boot request and the broker address as the guest
@@ -108,28 +130,19 @@ def guest_agent_argv(python: str = sys.executable) -> AgentArgv:
     return argv
 
 
-# --------------------------------------------------------------------------- processes, by /proc
+def vm_environment(daemon_environ: Mapping[str, str]) -> dict[str, str]:
+    """The base environment of VM processes: :data:`PASSED_ENVIRONMENT` of the daemon's, never all of it.
 
-
-def _stat_fields(pid: int, proc: str) -> list[str] | None:
-    """Fields 3.. of ``/proc/<pid>/stat`` (after the command name, which may hold spaces)."""
-    try:
-        with open(f"{proc}/{pid}/stat", "rb") as f:
-            raw = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2 :].split()
-
-
-def process_start_time(pid: int, proc: str = "/proc") -> int | None:
-    """When a live (non-zombie) process started, in clock ticks since boot; None if it is gone.
-
-    Together with the boot id this tells a process from a later one that reused its pid.
+    The daemon's environment may hold cloud credentials (``OS_PASSWORD``) that a VM, which runs a
+    browser on untrusted pages, must not see.  The composition root passes the result to
+    :class:`LocalDriver`, which reads no environment itself.
     """
-    fields = _stat_fields(pid, proc)
-    if fields is None or len(fields) < 20 or fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+    env = {name: daemon_environ[name] for name in PASSED_ENVIRONMENT if name in daemon_environ}
+    env.setdefault("PATH", SYSTEM_PATH)
+    return env
+
+
+# --------------------------------------------------------------------------- processes, by /proc
 
 
 def group_members(pgid: int, proc: str = "/proc") -> list[int]:
@@ -137,19 +150,10 @@ def group_members(pgid: int, proc: str = "/proc") -> list[int]:
     members = []
     for entry in os.listdir(proc):
         if entry.isdigit():
-            fields = _stat_fields(int(entry), proc)
+            fields = stat_fields(int(entry), proc)
             if fields and len(fields) > 2 and fields[0] not in ("Z", "X") and fields[2] == str(pgid):
                 members.append(int(entry))
     return members
-
-
-def boot_id(proc: str = "/proc") -> str:
-    """The kernel's id of this boot: a pid recorded before a reboot means nothing after it."""
-    try:
-        with open(f"{proc}/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 # --------------------------------------------------------------------------- the record
@@ -241,10 +245,13 @@ def _describe_end(reason: Failure) -> str:
 class LocalDriver:
     """Boots VMs as local process groups, in network namespaces when root (``netns``).
 
-    Call :meth:`prepare` at start (every other method awaits it anyway): it decides the mode,
-    re-adopts the VMs of a previous run, creates the bridge and removes stale namespaces and veths.
-    Call :meth:`stop` at shutdown.  One daemon per ``bridge``/``subnet``: the bridge is removed
-    when the driver stops without keeping its VMs.
+    Call :meth:`prepare` at start (every other method awaits it anyway): it claims the state dir,
+    decides the mode, re-adopts the VMs of a previous run, checks that the bridge is free or its
+    own, creates it and removes its own stale namespaces and veths.  Call :meth:`stop` at shutdown.
+    ``bridge`` and ``subnet`` None (the default) derive both from the state dir: the bridge
+    ``vmcb<tag>``, the first free /24 of :data:`~vmcloud.drivers.netns.AUTO_SUBNETS` from the tag
+    on.  What belongs to another daemon refuses :meth:`prepare` with
+    :class:`~vmcloud.drivers.claims.HostInUse`, whose message says whose and what to do.
     """
 
     name = "local"
@@ -259,17 +266,17 @@ class LocalDriver:
         max_vms: int = 8,
         netns: bool | None = None,
         broker_port: int = 61613,
-        subnet: str = "10.251.0.0/24",
-        bridge: str = "vmcbr0",
+        subnet: str | None = None,
+        bridge: str | None = None,
         kill_grace: float = 5.0,
         environ: Mapping[str, str] | None = None,
         proc: str = "/proc",
+        host_lock: str = HOST_LOCK_PATH,
     ) -> None:
-        """``environ`` is the base environment of the VMs' processes.
+        """``environ`` is the base environment of the VMs' processes (see :func:`vm_environment`).
 
-        None means a few harmless variables of the daemon's own (:data:`PASSED_ENVIRONMENT`), never
-        all of it: the daemon's environment may hold cloud credentials (``OS_PASSWORD``) that a VM,
-        which runs a browser on untrusted pages, must not see.
+        None means only ``PATH``: the driver never reads the daemon's environment itself.
+        ``subnet`` and ``bridge`` raise ValueError when malformed; None derives them.
         """
         if max_vms < 0:
             raise ValueError(f"max_vms must be >= 0, not {max_vms}")
@@ -280,15 +287,20 @@ class LocalDriver:
         self._agent_argv = agent_argv
         self._netns = netns
         self._broker_port = broker_port
-        self._layout = NetnsLayout(
-            prefix=prefix, subnet=ipaddress.IPv4Network(subnet, strict=False), bridge=bridge
-        )
+        # names are derived from the resolved path: a symlink to the state dir is the same daemon
+        self._owner = os.path.realpath(state_dir.path)
+        self._tag = pool_tag(self._owner, prefix)
+        self._bridge = check_bridge_name(bridge) if bridge else derived_bridge(self._tag)
+        self._subnet = check_subnet(subnet) if subnet else None
+        self._layout_decided: NetnsLayout | None = None
         self._ip = find_tool("ip")
-        self._host = HostNetwork(process_runner(reactor), self._layout, self._ip, find_tool("bridge"))
+        self._host = HostNetwork(process_runner(reactor), self._ip, find_tool("bridge"))
+        self._host_lock = host_lock
         self._setsid = find_tool("setsid")
         self._kill_grace = kill_grace
-        self._environ = environ
+        self._environ = environ if environ is not None else {"PATH": SYSTEM_PATH}
         self._proc = proc
+        self._claim = StateDirClaim(self._owner, proc)
         self._dir = state_dir.child("local")
         self._vms: dict[str, VmRecord] = {}
         self._children: dict[str, IProcessTransport] = {}  # VMs this process spawned
@@ -297,7 +309,9 @@ class LocalDriver:
         self._boots: dict[str, Deferred[None]] = {}
         self._prepare_lock = DeferredLock()
         self._prepared = False
+        self._refused: HostInUse | None = None
         self._stopping = False
+        self._stopped = False
         self._delete_locks: dict[str, DeferredLock] = {}
 
     # ------------------------------------------------------------------ start and stop
@@ -309,21 +323,57 @@ class LocalDriver:
             raise RuntimeError("LocalDriver.prepare() must run before the mode is known")
         return self._netns
 
+    @property
+    def layout(self) -> NetnsLayout:
+        """The names and addresses of this daemon's VMs; known once :meth:`prepare` ran in netns mode."""
+        if self._layout_decided is None:
+            raise RuntimeError("LocalDriver.prepare() must run (in netns mode) before the subnet is known")
+        return self._layout_decided
+
+    @property
+    def bridge(self) -> str:
+        """The bridge's name (configured, or derived from the state dir)."""
+        return self._bridge
+
     def broker_listen_interface(self) -> str | None:
         """The extra address the embedded broker must listen on for guests: the bridge's, in netns mode."""
-        return self._layout.bridge_ip if self.uses_netns else None
+        return self.layout.bridge_ip if self.uses_netns else None
 
     def broker_for_guest(self) -> str:
         """The broker as a guest reaches it (a client endpoint description)."""
-        host = self._layout.bridge_ip if self.uses_netns else "127.0.0.1"
+        host = self.layout.bridge_ip if self.uses_netns else "127.0.0.1"
         return f"tcp:{host}:{self._broker_port}"
 
+    def claim_state_dir(self) -> None:
+        """Take ``<state_dir>/local.lock`` now; :class:`HostInUse` when another daemon holds it.
+
+        :meth:`prepare` does it too; the composition root calls this first, so that a second
+        daemon on one state dir is refused before it reads or writes anything there.
+        """
+        os.makedirs(self._owner, exist_ok=True)
+        self._claim.acquire()
+
     async def prepare(self) -> None:
-        """Decide the mode, re-adopt recorded VMs, create the bridge, remove stale leftovers."""
+        """Claim the state dir, decide the mode, re-adopt VMs, set up the bridge, remove stale leftovers.
+
+        Raises :class:`HostInUse` (every time, once refused) when what it needs belongs to another daemon.
+        """
         async with self._prepare_lock:
+            if self._refused is not None:
+                raise self._refused
+            if self._stopped:
+                raise CloudUnavailable("the local driver has stopped")
             if self._prepared:
                 return
-            await self._prepare()
+            try:
+                await self._prepare()
+            except HostInUse as e:
+                self._refused = e
+                self._claim.release()
+                log.error(
+                    "Local driver refused to start: {reason}", reason=str(e), event="local-driver-refused"
+                )
+                raise
             self._prepared = True
         for record in list(self._vms.values()):
             if record.state == _DELETING:
@@ -333,12 +383,13 @@ class LocalDriver:
                 )
 
     async def _prepare(self) -> None:
+        self.claim_state_dir()
         if self._netns is None:
             self._netns = os.geteuid() == 0 and await self._host.available()
         log.info(
             "Local driver for prefix {prefix}: network namespaces {netns}, state in {path}",
             prefix=self.prefix,
-            netns="on" if self._netns else "off",
+            netns=f"on (bridge {self._bridge})" if self._netns else "off",
             path=self._dir.path,
         )
         self._dir.makedirs(ignoreExistingDirectory=True)
@@ -346,9 +397,32 @@ class LocalDriver:
         self._adopt_recorded()
         if self._netns:
             try:
-                await self._host.ensure_bridge()
+                async with HostLock(self._host_lock, self._clock):
+                    subnet = choose_subnet(
+                        await self._host.view(),
+                        bridge=self._bridge,
+                        state_dir=self._owner,
+                        tag=self._tag,
+                        subnet=self._subnet,
+                        describe_owner=lambda owner: describe_owner(owner, self._proc),
+                    )
+                    layout = NetnsLayout(
+                        prefix=self.prefix, subnet=subnet, bridge=self._bridge, state_dir=self._owner
+                    )
+                    await self._host.ensure_bridge(layout, bridge_alias(self._owner))
             except NetworkCommandError as e:
-                raise CloudUnavailable(f"cannot set up bridge {self._layout.bridge}: {e}") from e
+                raise CloudUnavailable(f"cannot set up bridge {self._bridge}: {e}") from e
+            except OSError as e:  # the host lock's directory or file
+                raise CloudUnavailable(f"cannot lock {self._host_lock}: {e}") from e
+            self._layout_decided = layout
+            log.info(
+                "Local driver bridge {bridge} at {address}/{prefixlen}; names tagged {tag}",
+                bridge=self._bridge,
+                address=layout.bridge_ip,
+                prefixlen=subnet.prefixlen,
+                tag=self._tag,
+                event="local-driver-bridge",
+            )
         await self.cleanup_stale()
 
     def _adopt_recorded(self) -> None:
@@ -383,15 +457,21 @@ class LocalDriver:
         return record.boot_id == this_boot and process_start_time(record.pid, self._proc) == record.start_time
 
     async def cleanup_stale(self) -> None:
-        """Remove this pool's namespaces, veths and VM directories that no recorded VM owns."""
+        """Remove this pool's namespaces, veths and VM directories that no recorded VM owns.
+
+        Only names carrying this daemon's tag (its state dir and prefix) are ever touched, and
+        only while it holds the state dir's claim, so no other running daemon can own them.
+        """
+        if not self._claim.held:
+            return
         owned = {r.server_id for r in self._vms.values()} | set(self._booting)
         for child in self._dir.children():
             if child.isdir() and child.basename() not in owned:
                 log.info("Removing the directory of unknown VM {path}", path=child.path)
                 child.remove()
-        if not self._netns:
+        if not self._netns or self._layout_decided is None:
             return
-        layout = self._layout
+        layout = self._layout_decided
         nets = [r.network for r in self._vms.values()] + [net for _, net in self._booting.values()]
         live_ns = {n.namespace for n in nets if n is not None}
         live_veths = {n.veth for n in nets if n is not None}
@@ -413,19 +493,31 @@ class LocalDriver:
                 await self._host.destroy(None, link)
 
     async def stop(self, keep_vms: bool) -> None:
-        """Stop for daemon shutdown: leave the VMs running for the next run, or remove everything."""
-        self._stopping = True
-        if self._boots:
-            await gatherResults(list(self._boots.values()), consumeErrors=True)
-        if keep_vms:
-            log.info("Local driver stopped; {count} VMs left running", count=len(self._vms))
+        """Stop for daemon shutdown: leave the VMs running for the next run, or remove everything.
+
+        Either way the state dir's claim goes, so a successor can start; a driver that was refused,
+        or stopped already, does nothing more (what it would remove is not its own).
+        """
+        if self._stopped or self._refused is not None:
+            self._stopped = True
+            self._claim.release()
             return
-        await self.prepare()  # a driver stopped before it started still removes a previous run's VMs
-        await gatherResults([Deferred.fromCoroutine(self.delete(sid)) for sid in list(self._vms)])
-        await self.cleanup_stale()
-        if self._netns:
-            await self._host.remove_bridge()
-        log.info("Local driver stopped; every VM removed", event="local-driver-stopped")
+        self._stopping = True
+        try:
+            if self._boots:
+                await gatherResults(list(self._boots.values()), consumeErrors=True)
+            if keep_vms:
+                log.info("Local driver stopped; {count} VMs left running", count=len(self._vms))
+                return
+            await self.prepare()  # a driver stopped before it started still removes a previous run's VMs
+            await gatherResults([Deferred.fromCoroutine(self.delete(sid)) for sid in list(self._vms)])
+            await self.cleanup_stale()
+            if self._layout_decided is not None:
+                await self._host.remove_bridge(self._layout_decided.bridge)
+            log.info("Local driver stopped; every VM removed", event="local-driver-stopped")
+        finally:
+            self._stopped = True
+            self._claim.release()
 
     # ------------------------------------------------------------------ ICloudDriver
 
@@ -446,7 +538,7 @@ class LocalDriver:
         if len(self._vms) + len(self._booting) >= self.max_vms:
             raise QuotaExceeded(f"the local driver runs at most {self.max_vms} VMs", retry_after=30.0)
         slot = self._free_slot() if self.uses_netns else None
-        net = self._layout.vm_network(request.vmid, request.name, slot) if slot is not None else None
+        net = self.layout.vm_network(request.vmid, request.name, slot) if slot is not None else None
         server_id = uuid.uuid4().hex
         self._booting[server_id] = (slot, net)
         self._booting_vmids.add(request.vmid)
@@ -462,10 +554,10 @@ class LocalDriver:
 
     def _free_slot(self) -> int:
         used = {r.slot for r in self._vms.values()} | {slot for slot, _ in self._booting.values()}
-        for slot in range(1, self._layout.max_slot + 1):
+        for slot in range(1, self.layout.max_slot + 1):
             if slot not in used:
                 return slot
-        raise QuotaExceeded(f"no free address left in {self._layout.subnet}", retry_after=30.0)
+        raise QuotaExceeded(f"no free address left in {self.layout.subnet}", retry_after=30.0)
 
     async def _boot(
         self, server_id: str, slot: int | None, net: VmNetwork | None, request: BootRequest
@@ -480,12 +572,12 @@ class LocalDriver:
             user_data = vm_dir.child(USER_DATA_FILE)
             _write_private(user_data, user_data_ini(request, self.broker_for_guest(), workdir))
             if net is not None:
-                await self._host.create(net)
+                await self._host.create(net, self.layout.bridge)
             argv = self._agent_argv(request, self.broker_for_guest())
             if net is not None:
                 argv = [self._ip, "netns", "exec", net.namespace, *argv]
             argv = [self._setsid, *argv]
-            env = dict(self._base_environment())
+            env = dict(self._environ)
             env.update(
                 HOME=vm_dir.path,
                 VMCLOUD_VMID=request.vmid,
@@ -554,13 +646,6 @@ class LocalDriver:
             return "(no console output)"
         return lines[-1][-200:] if lines else "(no console output)"
 
-    def _base_environment(self) -> Mapping[str, str]:
-        if self._environ is not None:
-            return self._environ
-        env = {name: os.environ[name] for name in PASSED_ENVIRONMENT if name in os.environ}
-        env.setdefault("PATH", SYSTEM_PATH)
-        return env
-
     def _spawn(
         self, server_id: str, argv: list[str], env: dict[str, str], vm_dir: FilePath[str]
     ) -> IProcessTransport:
@@ -616,6 +701,8 @@ class LocalDriver:
             fault=fault,
             event="vm-process-died",
         )
+        if not self._claim.held:  # stopped: the state dir may be a successor's by now
+            return record
         try:
             self._save(record)
         except OSError as e:

@@ -11,11 +11,19 @@ MAC).  The recipe is the one measured in GUEST-STACK.md section 5::
     ip link set VETH master BR up; bridge link set dev VETH isolated on
     ip -n NS addr add IP/24 dev eth0; ip -n NS link set eth0 up; ip -n NS link set lo up
 
-This module has two parts: :class:`NetnsLayout`, the pure naming and addressing plan (which names
-and addresses belong to which pool, within the 15-character limit of Linux interface names), and
-:class:`HostNetwork`, which runs ``ip``/``bridge`` through an injected :data:`CommandRunner` so that
-tests can record the commands without root.  Namespaces get no default route: guests reach the
-host (and the broker on the bridge address) and nothing else.
+This module has three parts: :class:`NetnsLayout`, the pure naming and addressing plan (which names
+and addresses belong to which daemon, within the 15-character limit of Linux interface names);
+:func:`choose_subnet`, the pure decision whether the bridge is ours to use and which subnet it gets,
+from a :class:`HostView` of the host's interfaces and routes; and :class:`HostNetwork`, which runs
+``ip``/``bridge`` through an injected :data:`CommandRunner` so that tests can record the commands
+without root.  Namespaces get no default route: guests reach the host (and the broker on the
+bridge address) and nothing else.
+
+Two daemons on one host: every name carries a tag hashed from the daemon's resolved state
+directory and pool prefix (the bridge ``vmcb<tag>``, veths ``v<tag>-<slot>``, namespaces
+``<prefix>-<tag>-<vmid>``), the bridge's alias records which state directory made it, and an
+automatic subnet is a free /24 of :data:`AUTO_SUBNETS`, probed from the tag onwards.  A daemon
+only ever removes names carrying its own tag and a bridge whose alias names its own state dir.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import ipaddress
 import json
 import re
 import shutil
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -36,6 +44,8 @@ from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from vmcloud.drivers.claims import HostInUse
 
 log = Logger()
 
@@ -71,35 +81,67 @@ class VmNetwork:
     prefixlen: int
 
 
+def pool_tag(state_dir: str, prefix: str) -> str:
+    """Eight hex digits naming one daemon's pool on this host: its resolved state dir and prefix.
+
+    Two daemons run on one host only with different state directories (the state dir's lock
+    refuses a second one on the same), so their tags differ but for a 2^-32 chance.
+    """
+    return _digest(f"{state_dir}\0{prefix}").hex()[:8]
+
+
+def derived_bridge(tag: str) -> str:
+    """The bridge of a daemon that names none (``[local] bridge`` empty): ``vmcb<tag>``, 12 characters."""
+    return f"vmcb{tag}"
+
+
+def check_bridge_name(name: str) -> str:
+    """``name`` if Linux takes it as an interface name; ValueError with the reason otherwise."""
+    if not name or len(name) > IFNAME_MAX or not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"bridge name {name!r} must be 1-{IFNAME_MAX} of [A-Za-z0-9_.-]")
+    return name
+
+
+def check_subnet(text: str) -> ipaddress.IPv4Network:
+    """The subnet ``text`` names (host bits ignored); ValueError with the reason otherwise."""
+    try:
+        subnet = ipaddress.IPv4Network(text.strip(), strict=False)
+    except ValueError as e:
+        raise ValueError(f"subnet {text!r} is not an IPv4 network: {e}") from None
+    if subnet.num_addresses < 4:
+        raise ValueError(f"subnet {subnet} is too small for a bridge and a VM")
+    return subnet
+
+
 @attrs.frozen
 class NetnsLayout:
-    """Names and addresses of one pool's VMs, derived from the pool prefix and the subnet.
+    """Names and addresses of one daemon's VMs, derived from its state dir, pool prefix and subnet.
 
-    Every name carries a short tag hashed from the prefix, so that two pools on one host (or a
-    pool whose prefix is a prefix of another's) never mistake each other's namespaces and veths
-    for stale ones.  Host-side veth names are numbered by the VM's address slot, which keeps them
-    within 15 characters whatever the vmid looks like.
+    Every name carries :func:`pool_tag`, so that two daemons on one host (or two pools whose
+    prefixes are prefixes of each other) never mistake each other's namespaces and veths for stale
+    ones.  Host-side veth names are numbered by the VM's address slot, which keeps them within 15
+    characters whatever the vmid looks like.
     """
 
     prefix: str
     subnet: ipaddress.IPv4Network
     bridge: str
+    state_dir: str = ""
 
     def __attrs_post_init__(self) -> None:
-        if not self.bridge or len(self.bridge) > IFNAME_MAX or not _SAFE_NAME.fullmatch(self.bridge):
-            raise ValueError(f"bridge name {self.bridge!r} must be 1-{IFNAME_MAX} of [A-Za-z0-9_.-]")
+        check_bridge_name(self.bridge)
         if self.subnet.num_addresses < 4:
             raise ValueError(f"subnet {self.subnet} is too small for a bridge and a VM")
 
     @classmethod
-    def from_strings(cls, prefix: str, subnet: str, bridge: str) -> NetnsLayout:
+    def from_strings(cls, prefix: str, subnet: str, bridge: str, state_dir: str = "") -> NetnsLayout:
         """Parse the configured subnet; raises ValueError with the reason on bad input."""
-        return cls(prefix=prefix, subnet=ipaddress.IPv4Network(subnet, strict=False), bridge=bridge)
+        return cls(prefix=prefix, subnet=check_subnet(subnet), bridge=bridge, state_dir=state_dir)
 
     @property
     def tag(self) -> str:
-        """Six hex digits identifying the pool prefix in interface and namespace names."""
-        return _digest(self.prefix).hex()[:6]
+        """:func:`pool_tag` of this layout's state dir and prefix."""
+        return pool_tag(self.state_dir, self.prefix)
 
     @property
     def namespace_prefix(self) -> str:
@@ -130,8 +172,8 @@ class NetnsLayout:
         return self.namespace_prefix + part
 
     def veth(self, slot: int) -> str:
-        """Host end of a VM's veth pair, e.g. ``vc1a2b3c-17`` (at most 15 characters)."""
-        return f"vc{self.tag}-{slot}"
+        """Host end of a VM's veth pair, e.g. ``v1a2b3c4d-17`` (at most 15 characters up to slot 99999)."""
+        return f"v{self.tag}-{slot}"
 
     def address(self, slot: int) -> str:
         """The VM's IPv4 address; slot 1 is the address after the bridge's."""
@@ -158,7 +200,173 @@ class NetnsLayout:
         return name.startswith(self.namespace_prefix)
 
     def is_pool_veth(self, name: str) -> bool:
-        return re.fullmatch(rf"vc{self.tag}-\d+", name) is not None
+        return re.fullmatch(rf"v{self.tag}-\d+", name) is not None
+
+
+# --------------------------------------------------------------------------- whose bridge, which subnet
+
+#: Where automatic subnets come from: 2,048 /24s, away from the ranges Docker and Kubernetes use.
+AUTO_SUBNETS = ipaddress.IPv4Network("10.200.0.0/13")
+#: The size of an automatic subnet: 253 VMs and the bridge.
+AUTO_PREFIXLEN = 24
+
+#: How a bridge's alias (``ip link set BR alias ...``, kept by the kernel as long as the bridge
+#: exists) says which daemon made it: this, then the resolved state dir.
+ALIAS_PREFIX = "vmcloud-local "
+#: The kernel keeps at most this many bytes of an interface alias.
+IFALIAS_MAX = 255
+
+
+def bridge_alias(state_dir: str) -> str:
+    """The alias marking a bridge as made by the daemon of ``state_dir``.
+
+    A state dir too long for an alias is recorded as ``#`` and its hash: still unique, but a
+    neighbour's refusal then cannot name the directory.
+    """
+    alias = ALIAS_PREFIX + state_dir
+    if len(alias.encode("utf-8")) > IFALIAS_MAX or "\n" in state_dir:
+        alias = ALIAS_PREFIX + "#" + _digest(state_dir).hex()
+    return alias
+
+
+def alias_owner(alias: str | None) -> str | None:
+    """The state dir a vmcloud bridge alias names ("" when only its hash is recorded); None: not vmcloud's."""
+    if alias is None or not alias.startswith(ALIAS_PREFIX):
+        return None
+    owner = alias.removeprefix(ALIAS_PREFIX)
+    return "" if owner.startswith("#") else owner
+
+
+@attrs.frozen
+class HostLink:
+    """One interface of the host's namespace, as ``ip -j -d addr show`` describes it."""
+
+    name: str
+    kind: str | None  # "bridge", "veth", ... (None for a plain device)
+    alias: str | None
+    ipv4: tuple[ipaddress.IPv4Interface, ...] = ()
+
+
+@attrs.frozen
+class HostView:
+    """The host's interfaces and IPv4 routes: what is taken before a bridge and a subnet are chosen."""
+
+    links: Mapping[str, HostLink]
+    routes: tuple[tuple[str, ipaddress.IPv4Network], ...] = ()  # (device, destination)
+
+    def used_networks(self, except_dev: str) -> list[tuple[str, ipaddress.IPv4Network]]:
+        """Every IPv4 network an address or a route of another device covers (the default route aside)."""
+        used = [
+            (link.name, address.network)
+            for link in self.links.values()
+            if link.name != except_dev
+            for address in link.ipv4
+        ]
+        used += [(dev, net) for dev, net in self.routes if dev != except_dev and net.prefixlen > 0]
+        return used
+
+
+def parse_host_view(addresses: str, routes: str) -> HostView:
+    """A :class:`HostView` from ``ip -j -d addr show`` and ``ip -j -4 route show table all``."""
+    links = {}
+    for entry in _json_list(addresses):
+        if "ifname" not in entry:
+            continue
+        info = entry.get("linkinfo")
+        kind = info.get("info_kind") if isinstance(info, dict) else None
+        ipv4 = []
+        for address in entry.get("addr_info", []):
+            if isinstance(address, dict) and address.get("family") == "inet":
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    ipv4.append(ipaddress.IPv4Interface(f"{address['local']}/{address['prefixlen']}"))
+        alias = entry.get("ifalias")
+        links[str(entry["ifname"])] = HostLink(
+            name=str(entry["ifname"]),
+            kind=str(kind) if kind is not None else None,
+            alias=str(alias) if alias is not None else None,
+            ipv4=tuple(ipv4),
+        )
+    found = []
+    for route in _json_list(routes):
+        destination = route.get("dst")
+        if destination in (None, "default"):
+            continue
+        with contextlib.suppress(ValueError, TypeError):
+            found.append((str(route.get("dev", "")), ipaddress.IPv4Network(destination, strict=False)))
+    return HostView(links=links, routes=tuple(found))
+
+
+def choose_subnet(
+    view: HostView,
+    *,
+    bridge: str,
+    state_dir: str,
+    tag: str,
+    subnet: ipaddress.IPv4Network | None,
+    describe_owner: Callable[[str], str],
+) -> ipaddress.IPv4Network:
+    """Whether ``bridge`` is ours to use, and the subnet it gets; :class:`HostInUse` when not.
+
+    - An interface of that name that this state dir's daemon did not make (its alias says so)
+      is never used nor removed: another daemon's bridge, running or not (its VMs may be), or
+      something that is not vmcloud's at all.
+    - A configured ``subnet`` must not overlap any address or route of another device.
+    - Otherwise the subnet our bridge already has (VMs of a previous run live in it), or the first
+      /24 of :data:`AUTO_SUBNETS` that nothing on the host uses, probing from ``tag`` onwards so
+      that daemons starting together look at different candidates first.
+
+    ``describe_owner(state_dir)`` says who owns another daemon's bridge, for the refusal.
+    """
+    link = view.links.get(bridge)
+    ours = bridge_alias(state_dir)
+    if link is not None and (link.alias != ours or link.kind != "bridge"):
+        owner = alias_owner(link.alias)
+        if owner and owner != state_dir:
+            whose = describe_owner(owner)
+        elif owner == "":
+            whose = "another vmcloud daemon (its state dir is too long to be recorded on the bridge)"
+        else:
+            raise HostInUse(
+                f"interface {bridge} already exists and is not a bridge made by vmcloud for state dir "
+                f"{state_dir} (alias {link.alias!r}); refusing to use or remove it. Set another [local] "
+                "bridge, or leave it empty for one derived from the state dir"
+            )
+        raise HostInUse(
+            f"bridge {bridge} belongs to {whose}; refusing to use or remove it. Set another [local] "
+            "bridge for this daemon, or leave it empty for one derived from the state dir"
+        )
+    used = view.used_networks(except_dev=bridge)
+
+    def overlap(candidate: ipaddress.IPv4Network) -> tuple[str, ipaddress.IPv4Network] | None:
+        return next(((dev, net) for dev, net in used if candidate.overlaps(net)), None)
+
+    if subnet is not None:
+        clash = overlap(subnet)
+        if clash is not None:
+            raise HostInUse(
+                f"[local] subnet {subnet} overlaps {clash[1]} on {clash[0] or 'a route'}; set another "
+                "[local] subnet, or leave it empty to pick a free one"
+            )
+        return subnet
+    for address in link.ipv4 if link is not None else ():
+        kept = address.network
+        if address.ip == kept.network_address + 1 and kept.num_addresses >= 4:
+            clash = overlap(kept)
+            if clash is not None:
+                raise HostInUse(
+                    f"bridge {bridge} keeps subnet {kept} from its last run, but {clash[0] or 'a route'} "
+                    f"now uses {clash[1]} too; remove one of them"
+                )
+            return kept
+    count = 1 << (AUTO_PREFIXLEN - AUTO_SUBNETS.prefixlen)
+    size = 1 << (32 - AUTO_PREFIXLEN)
+    start = int(tag, 16) % count
+    base = int(AUTO_SUBNETS.network_address)
+    for step in range(count):
+        candidate = ipaddress.IPv4Network((base + ((start + step) % count) * size, AUTO_PREFIXLEN))
+        if overlap(candidate) is None:
+            return candidate
+    raise HostInUse(f"no free /{AUTO_PREFIXLEN} left in {AUTO_SUBNETS}; set [local] subnet")
 
 
 # --------------------------------------------------------------------------- running commands
@@ -271,11 +479,8 @@ class HostNetwork:
     half-done boot or a second ``delete`` is always safe.
     """
 
-    def __init__(
-        self, run: CommandRunner, layout: NetnsLayout, ip: str = "ip", bridge_tool: str = "bridge"
-    ) -> None:
+    def __init__(self, run: CommandRunner, ip: str = "ip", bridge_tool: str = "bridge") -> None:
         self._run = run
-        self.layout = layout
         self._ip = ip
         self._bridge_tool = bridge_tool
 
@@ -289,13 +494,21 @@ class HostNetwork:
         """Whether ``ip netns`` works here (the caller checks for root)."""
         return (await self._run((self._ip, "netns", "list"))).ok
 
-    async def ensure_bridge(self) -> None:
-        """Create the bridge with the host address if missing, and bring it up."""
-        layout = self.layout
+    async def view(self) -> HostView:
+        """The host's interfaces (kind, alias, IPv4 addresses) and IPv4 routes of every table."""
+        addresses = await self._must(self._ip, "-j", "-d", "addr", "show")
+        routes = await self._must(self._ip, "-j", "-4", "route", "show", "table", "all")
+        return parse_host_view(addresses.out, routes.out)
+
+    async def ensure_bridge(self, layout: NetnsLayout, alias: str) -> None:
+        """Create the bridge (marked with ``alias``) if missing, give it its address, bring it up.
+
+        The caller decided with :func:`choose_subnet` that the bridge, if it exists, is ours; an
+        interface of that name appearing since is an error here, never adopted.
+        """
         if layout.bridge not in await self.links():
-            result = await self._run((self._ip, "link", "add", layout.bridge, "type", "bridge"))
-            if not result.ok and "exists" not in result.err:
-                raise NetworkCommandError(result)
+            await self._must(self._ip, "link", "add", layout.bridge, "type", "bridge")
+        await self._must(self._ip, "link", "set", "dev", layout.bridge, "alias", alias)
         shown = await self._must(self._ip, "-j", "addr", "show", "dev", layout.bridge)
         present = {
             (info.get("local"), info.get("prefixlen"))
@@ -311,12 +524,12 @@ class HostNetwork:
         await self._must(self._ip, "link", "set", layout.bridge, "address", layout.bridge_mac)
         await self._must(self._ip, "link", "set", layout.bridge, "up")
 
-    async def remove_bridge(self) -> None:
-        if self.layout.bridge in await self.links():
-            await self._run((self._ip, "link", "del", self.layout.bridge))
+    async def remove_bridge(self, bridge: str) -> None:
+        if bridge in await self.links():
+            await self._run((self._ip, "link", "del", bridge))
 
-    async def create(self, net: VmNetwork) -> None:
-        """Build the VM's namespace and veth; on any failure remove what was built and raise."""
+    async def create(self, net: VmNetwork, bridge: str) -> None:
+        """Build the VM's namespace and veth on ``bridge``; on any failure remove what was built and raise."""
         ns = net.namespace
         try:
             await self._must(self._ip, "netns", "add", ns)
@@ -324,7 +537,7 @@ class HostNetwork:
                 self._ip, "link", "add", net.veth, "type", "veth",
                 "peer", "name", "eth0", "address", net.mac, "netns", ns,
             )  # fmt: skip
-            await self._must(self._ip, "link", "set", net.veth, "master", self.layout.bridge, "up")
+            await self._must(self._ip, "link", "set", net.veth, "master", bridge, "up")
             await self._must(self._bridge_tool, "link", "set", "dev", net.veth, "isolated", "on")
             await self._must(self._ip, "-n", ns, "addr", "add", f"{net.ip}/{net.prefixlen}", "dev", "eth0")
             await self._must(self._ip, "-n", ns, "link", "set", "eth0", "up")
