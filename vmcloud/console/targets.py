@@ -1,0 +1,131 @@
+"""Where a worker's console or sound comes from: a handle (or a vmid) resolved to a VM's address.
+
+The proxies never hold a VM's address themselves: each new socket asks a ``resolve`` callable,
+so the handle is the only key a worker's browser ever has.  :class:`PoolTargets` is that callable
+over the pool's live state; tests give the proxies plain functions instead.
+
+A VM's VNC server listens on its own address, port 5900, and its audio capture server on port
+5901 (SPEC "The browser VM and the worker's view"); the address is what the guest said in HELLO,
+else the first one the cloud reports.  No route to the VM is ever handed to the worker.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import attrs
+
+from vmcloud.api.errors import ApiError
+from vmcloud.pool.model import VM, VMState
+from vmcloud.pool.state import PoolState
+
+#: The VM's VNC server (``Xvnc -rfbport 5900``).
+VNC_PORT = 5900
+#: The VM's audio capture server (:mod:`guest_agent.audio`): ``GET /audio.ogg`` and ``/audio.pcm``.
+AUDIO_PORT = 5901
+
+#: What gave a socket its access, and what ends it: ``("handle", token)`` or ``("vm", vmid)``.
+Key = tuple[str, str]
+
+
+def handle_key(token: str) -> Key:
+    return ("handle", token)
+
+
+def vm_key(vmid: str) -> Key:
+    return ("vm", vmid)
+
+
+@attrs.frozen
+class Target:
+    """A VM's server to dial for one key; ``password`` is the session's (for the audio server)."""
+
+    key: Key
+    host: str
+    port: int
+    vmid: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+
+
+class HasPoolState(Protocol):
+    """What :class:`PoolTargets` needs of the pool service: its current state."""
+
+    @property
+    def state(self) -> PoolState: ...
+
+
+def _unknown() -> ApiError:
+    return ApiError(404, "unknown-handle", "no such handle (released, expired, or never issued)")
+
+
+class PoolTargets:
+    """Resolves handles and vmids to VM addresses from the pool's live state.
+
+    Each method returns a :class:`Target` or raises :class:`ApiError` saying why there is none:
+    404 for an unknown handle (as every handle route), 409 while the handle waits for a VM or
+    when the VM has no such server, 410 when the handle's VM died.
+    """
+
+    def __init__(self, pool: HasPoolState, vnc_port: int = VNC_PORT, audio_port: int = AUDIO_PORT) -> None:
+        self._pool = pool
+        self._vnc_port = vnc_port
+        self._audio_port = audio_port
+
+    def console(self, token: str) -> Target:
+        """The VNC server of the VM a handle holds."""
+        vm = self._vm_of(token)
+        _needs(vm, "vnc", "a VNC server")
+        return Target(handle_key(token), _address(vm), self._vnc_port, vm.vmid)
+
+    def console_of_vm(self, vmid: str) -> Target:
+        """The VNC server of any live VM (the operator's route)."""
+        vm = self._pool.state.vms.get(vmid)
+        if vm is None or not vm.alive:
+            raise ApiError(404, "unknown-vm", f"no live VM {vmid!r}")
+        _needs(vm, "vnc", "a VNC server")
+        return Target(vm_key(vmid), _address(vm), self._vnc_port, vm.vmid)
+
+    def audio(self, token: str) -> Target:
+        """The audio capture server of the VM a handle holds, for batches that asked for audio."""
+        state = self._pool.state
+        handle = state.handles.get(token)
+        if handle is None:
+            raise _unknown()
+        batch = state.batches.get(handle.batch)
+        if batch is not None and not batch.options.audio:
+            raise ApiError(404, "no-audio", "this handle's batch did not ask for audio")
+        vm = self._vm_of(token)
+        _needs(vm, "audio", "audio capture")
+        return Target(handle_key(token), _address(vm), self._audio_port, vm.vmid, vm.vnc_password)
+
+    def _vm_of(self, token: str) -> VM:
+        state = self._pool.state
+        handle = state.handles.get(token)
+        if handle is None:
+            raise _unknown()
+        if handle.vmid is None:
+            if handle.lost is not None:
+                raise ApiError(410, "vm-lost", f"the handle's VM died ({handle.lost.reason})")
+            raise ApiError(409, "not-assigned", "the handle waits for a VM; try again once it is assigned")
+        vm = state.vms.get(handle.vmid)
+        if vm is None or vm.state is not VMState.OCCUPIED or vm.handle != token:
+            raise ApiError(410, "vm-lost", "the handle's VM is gone")
+        return vm
+
+
+def _needs(vm: VM, capability: str, what: str) -> None:
+    """A guest that said what it has and lacks ``capability`` cannot serve it (a VM that said
+    nothing yet, e.g. one recovered from a checkpoint, is given the benefit of the doubt)."""
+    if vm.capabilities and capability not in vm.capabilities:
+        raise ApiError(
+            409,
+            f"no-{capability}",
+            f"VM {vm.vmid} has no {what} (its guest says: {', '.join(vm.capabilities)})",
+        )
+
+
+def _address(vm: VM) -> str:
+    address = vm.ip or (vm.ips[0] if vm.ips else None)
+    if not address:
+        raise ApiError(503, "no-address", f"VM {vm.vmid} has no known address yet")
+    return address
