@@ -54,6 +54,7 @@ setup(
             "mypy>=1.11",
             "mypy-zope>=1.0.5",
             "coilmq>=1.1",
+            "vncdotool>=1.2",  # a VNC client that is not ours, for the browser VM tests
         ],
     },
 )

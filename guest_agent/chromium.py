@@ -759,10 +759,32 @@ class ChromiumBrowser(Service):
                     self._events.title_seen(target, told[0], told[1][:1024], now)
             elif method == "Page.loadEventFired":
                 self._events.loaded(target, now)
+                self._ask_title(session_id, target)
                 load = self._loads.get(session_id)
                 if load is not None and not load.called:
                     load.callback(None)
         self._flush()
+
+    def _ask_title(self, tab: str, target: str) -> None:
+        """At load, ask the page its title too: the injected watcher misses a popup's first document."""
+        if self.cdp is None:
+            return
+        d = self.cdp.send(
+            "Runtime.evaluate",
+            {"expression": "JSON.stringify([location.href, document.title])", "returnByValue": True},
+            tab,
+        )
+
+        def told(result: dict[str, Any]) -> None:
+            try:
+                url, title = json.loads(result["result"]["value"])
+            except (KeyError, TypeError, ValueError):
+                return
+            if isinstance(url, str) and isinstance(title, str) and self._tabs.get(tab) == target:
+                self._events.title_seen(target, url, title[:1024], self._reactor.seconds())
+                self._flush()
+
+        d.addCallbacks(told, lambda _: None)
 
     async def _watch_tab(self, tab: str, target: str) -> None:
         """A new tab of the session: its page events on, then let it run."""

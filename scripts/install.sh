@@ -12,6 +12,12 @@ command -v setsid >/dev/null 2>&1 || packages+=(util-linux)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
 command -v node >/dev/null 2>&1 || packages+=(nodejs)  # runs tests/api/vmcloud_js_check.js (static/vmcloud.js)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || packages+=(python3-venv)
+# the browser VM (issue #9): Chromium on Xvnc with PulseAudio; setpriv (util-linux) guards its processes
+[ -x /usr/lib/chromium/chromium ] || packages+=(chromium)
+command -v Xvnc >/dev/null 2>&1 || packages+=(tigervnc-standalone-server)
+command -v pulseaudio >/dev/null 2>&1 || packages+=(pulseaudio)
+command -v setpriv >/dev/null 2>&1 || packages+=(util-linux)
+fc-list 2>/dev/null | grep -qi dejavu || packages+=(fonts-dejavu-core)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "install.sh: installing system packages: ${packages[*]}"
     export DEBIAN_FRONTEND=noninteractive
