@@ -26,6 +26,7 @@ from vmcloud.drivers.claims import (
     HostLock,
     OwnerRecord,
     StateDirClaim,
+    claim_held,
     describe_owner,
     process_start_time,
     read_owner,
@@ -246,6 +247,11 @@ class StateDirClaimTests(SynchronousTestCase):
         assert owner is not None
         self.assertEqual((owner.pid, owner.state_dir), (os.getpid(), self.state))
         self.assertTrue(owner.running())
+        self.assertTrue(claim_held(self.state))
+        self.assertEqual(
+            describe_owner(self.state),
+            f"the vmcloud daemon running as pid {os.getpid()} with state dir {self.state}",
+        )
         with self.assertRaises(HostInUse) as caught:
             StateDirClaim(self.state).acquire()
         message = str(caught.exception)
@@ -255,6 +261,8 @@ class StateDirClaimTests(SynchronousTestCase):
         self.assertIn("give this one a --state-dir of its own", message)
         first.acquire()  # again by its holder: fine
         first.release()
+        self.assertFalse(claim_held(self.state))  # the same pid lives on, but the claim is gone
+        self.assertIn("which is not running", describe_owner(self.state))
         second = StateDirClaim(self.state)
         second.acquire()  # once let go
         second.release()

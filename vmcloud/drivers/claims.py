@@ -158,11 +158,39 @@ def read_owner(state_dir: str) -> OwnerRecord | None:
         return None
 
 
+def claim_held(state_dir: str, proc: str = "/proc") -> bool | None:
+    """Whether a process holds ``<state_dir>/local.lock`` right now (None: cannot tell).
+
+    Read from ``/proc/locks``, so the lock is only looked at, never taken: a probe that took it,
+    even for a moment, could make its owner's own start fail.
+    """
+    try:
+        st = os.stat(os.path.join(state_dir, STATE_LOCK_FILE))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open(f"{proc}/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2146731 0 EOF"; waiters have "->" in the second field
+    return any(
+        len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == key for fields in map(str.split, lines)
+    )
+
+
 def describe_owner(state_dir: str, proc: str = "/proc") -> str:
     """How a refusal names the daemon of another state directory: running (with its pid) or not."""
     owner = read_owner(state_dir)
-    if owner is not None and owner.running(proc):
-        return f"the vmcloud daemon running as pid {owner.pid} with state dir {state_dir}"
+    held = claim_held(state_dir, proc)
+    if held is None:  # no /proc/locks: the recorded pid is the next best witness
+        held = owner is not None and owner.running(proc)
+    if held:
+        pid = f"as pid {owner.pid} " if owner is not None else ""
+        return f"the vmcloud daemon running {pid}with state dir {state_dir}"
     return f"the vmcloud daemon with state dir {state_dir}, which is not running (its VMs may be)"
 
 
