@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -36,10 +36,12 @@ from vmcloud.drivers.local import PASSED_ENVIRONMENT, LocalDriver, vm_environmen
 from vmcloud.drivers.netns import (
     AUTO_SUBNETS,
     IFNAME_MAX,
+    CommandResult,
     HostLink,
     HostNetwork,
     HostView,
     NetnsLayout,
+    NetworkCommandError,
     alias_owner,
     bridge_alias,
     choose_subnet,
@@ -189,39 +191,63 @@ class ChooseSubnetTests(SynchronousTestCase):
 
 
 class HostViewTests(SynchronousTestCase):
+    ADDRESSES = json.dumps(
+        [
+            {"ifname": "lo", "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8}]},
+            {"ifname": "vmcb1", "addr_info": [{"family": "inet", "local": "10.200.3.1", "prefixlen": 24}]},
+        ]
+    )
+    ROUTES = json.dumps(
+        [
+            {"dst": "default", "gateway": "192.0.2.1", "dev": "eth0"},
+            {"dst": "192.0.2.0/24", "dev": "eth0"},
+            {"type": "unreachable", "dst": "10.9.0.0/16"},
+            {"type": "local", "dst": "10.200.3.1", "dev": "vmcb1", "table": "local"},
+        ]
+    )
+    DETAILS = json.dumps(
+        [{"ifname": "vmcb1", "ifalias": "vmcloud-local /srv/a", "linkinfo": {"info_kind": "bridge"}}]
+    )
+
     def test_parses_ip_json(self) -> None:
-        addresses = json.dumps(
-            [
-                {"ifname": "lo", "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8}]},
-                {
-                    "ifname": "vmcb1",
-                    "ifalias": "vmcloud-local /srv/a",
-                    "linkinfo": {"info_kind": "bridge"},
-                    "addr_info": [
-                        {"family": "inet", "local": "10.200.3.1", "prefixlen": 24},
-                        {"family": "inet6", "local": "fe80::1", "prefixlen": 64},
-                    ],
-                },
-            ]
+        host = parse_host_view(self.ADDRESSES, self.ROUTES, self.DETAILS)
+        self.assertEqual(
+            host.links["vmcb1"],
+            HostLink("vmcb1", "bridge", "vmcloud-local /srv/a", (Iface("10.200.3.1/24"),)),
         )
-        routes = json.dumps(
-            [
-                {"dst": "default", "gateway": "192.0.2.1", "dev": "eth0"},
-                {"dst": "192.0.2.0/24", "dev": "eth0"},
-                {"type": "unreachable", "dst": "10.9.0.0/16"},
-                {"type": "local", "dst": "10.200.3.1", "dev": "vmcb1", "table": "local"},
-            ]
-        )
-        host = parse_host_view(addresses, routes)
-        self.assertEqual(host.links["vmcb1"].alias, "vmcloud-local /srv/a")
-        self.assertEqual(host.links["vmcb1"].kind, "bridge")
-        self.assertEqual(host.links["vmcb1"].ipv4, (Iface("10.200.3.1/24"),))
         self.assertIsNone(host.links["lo"].alias)
         used = host.used_networks(except_dev="vmcb1")
         self.assertIn(("", Net("10.9.0.0/16")), used)
         self.assertIn(("lo", Net("127.0.0.0/8")), used)
+        self.assertIn(("eth0", Net("192.0.2.0/24")), used)
         self.assertNotIn(Net("10.200.3.0/24"), [net for _, net in used])
+        self.assertNotIn(Net("0.0.0.0/0"), [net for _, net in used])
         self.assertEqual(parse_host_view("", ""), HostView(links={}))
+        self.assertRaises(ValueError, parse_host_view, "[{", "")
+
+    def test_view_asks_the_bridge_alone_for_details(self) -> None:
+        """Details cost 1.2 KB per interface: only the bridge's are asked for; a missing one is no error."""
+
+        async def run(argv: Sequence[str]) -> CommandResult:
+            line = " ".join(argv)
+            if "-d link show dev vmcb1" in line:
+                return CommandResult(tuple(argv), 0, self.DETAILS, "")
+            if "-d link show dev" in line:
+                return CommandResult(tuple(argv), 1, "", 'Device "vmcb9" does not exist.')
+            out = self.ADDRESSES if "addr show" in line else self.ROUTES
+            return CommandResult(tuple(argv), 0, out, "")
+
+        host = self.successResultOf(_defer(HostNetwork(run).view("vmcb1")))
+        self.assertEqual(host.links["vmcb1"].alias, "vmcloud-local /srv/a")
+        host = self.successResultOf(_defer(HostNetwork(run).view("vmcb9")))
+        self.assertNotIn("vmcb9", host.links)
+
+    def test_unreadable_ip_output_is_a_command_error(self) -> None:
+        async def run(argv: Sequence[str]) -> CommandResult:
+            return CommandResult(tuple(argv), 0, "[{", "")
+
+        failure = self.failureResultOf(_defer(HostNetwork(run).view("vmcb1")), NetworkCommandError)
+        self.assertIn("unreadable output", str(failure.value))
 
     def test_ensure_bridge_marks_it_and_adds_only_its_own_address(self) -> None:
         plan = NetnsLayout.from_strings("p-", "10.200.3.0/24", "vmcbX", "/srv/a")

@@ -399,7 +399,7 @@ class LocalDriver:
             try:
                 async with HostLock(self._host_lock, self._clock):
                     subnet = choose_subnet(
-                        await self._host.view(),
+                        await self._host.view(self._bridge),
                         bridge=self._bridge,
                         state_dir=self._owner,
                         tag=self._tag,

@@ -266,10 +266,15 @@ class HostView:
         return used
 
 
-def parse_host_view(addresses: str, routes: str) -> HostView:
-    """A :class:`HostView` from ``ip -j -d addr show`` and ``ip -j -4 route show table all``."""
-    links = {}
-    for entry in _json_list(addresses):
+def parse_host_view(addresses: str, routes: str, details: str = "") -> HostView:
+    """A :class:`HostView` from ``ip -j -4 addr show``, ``ip -j -4 route show table all``, ``ip -j -d link``.
+
+    ``details`` (kind and alias) is asked for the bridge alone: for every interface it costs
+    1.2 KB each, and a host with many VMs would overflow what a command may print.  Raises
+    ValueError on output that is not ``ip``'s JSON.
+    """
+    links: dict[str, HostLink] = {}
+    for entry in _json_list(addresses) + _json_list(details):
         if "ifname" not in entry:
             continue
         info = entry.get("linkinfo")
@@ -280,11 +285,12 @@ def parse_host_view(addresses: str, routes: str) -> HostView:
                 with contextlib.suppress(ValueError, TypeError, KeyError):
                     ipv4.append(ipaddress.IPv4Interface(f"{address['local']}/{address['prefixlen']}"))
         alias = entry.get("ifalias")
+        known = links.get(str(entry["ifname"]))
         links[str(entry["ifname"])] = HostLink(
             name=str(entry["ifname"]),
             kind=str(kind) if kind is not None else None,
             alias=str(alias) if alias is not None else None,
-            ipv4=tuple(ipv4),
+            ipv4=tuple(ipv4) or (known.ipv4 if known is not None else ()),
         )
     found = []
     for route in _json_list(routes):
@@ -494,11 +500,17 @@ class HostNetwork:
         """Whether ``ip netns`` works here (the caller checks for root)."""
         return (await self._run((self._ip, "netns", "list"))).ok
 
-    async def view(self) -> HostView:
-        """The host's interfaces (kind, alias, IPv4 addresses) and IPv4 routes of every table."""
-        addresses = await self._must(self._ip, "-j", "-d", "addr", "show")
+    async def view(self, bridge: str) -> HostView:
+        """The host's IPv4 addresses and routes (all tables), and ``bridge``'s kind and alias if it exists."""
+        addresses = await self._must(self._ip, "-j", "-4", "addr", "show")
         routes = await self._must(self._ip, "-j", "-4", "route", "show", "table", "all")
-        return parse_host_view(addresses.out, routes.out)
+        details = await self._run((self._ip, "-j", "-d", "link", "show", "dev", bridge))
+        if not details.ok and "does not exist" not in details.err:
+            raise NetworkCommandError(details)
+        try:
+            return parse_host_view(addresses.out, routes.out, details.out if details.ok else "")
+        except ValueError as e:
+            raise NetworkCommandError(attrs.evolve(addresses, code=-1, err=f"unreadable output: {e}")) from e
 
     async def ensure_bridge(self, layout: NetnsLayout, alias: str) -> None:
         """Create the bridge (marked with ``alias``) if missing, give it its address, bring it up.
