@@ -37,7 +37,7 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, FirstError, gatherResults
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
@@ -385,17 +385,17 @@ class ChromiumBrowser(Service):
     async def _prove_clean(self) -> dict[str, int]:
         """One page, blank, in the default context, and no cookie anywhere; StackError otherwise."""
         cdp = self._cdp()
-        contexts = (await cdp.call("Target.getBrowserContexts")).get("browserContextIds", [])
-        if contexts:
-            raise StackError(f"{len(contexts)} browser contexts left")
-        infos = (await cdp.call("Target.getTargets")).get("targetInfos", [])
+        targets, jar = await gatherResults([cdp.send("Target.getTargets"), cdp.send("Storage.getCookies")])
+        infos = targets.get("targetInfos", [])
+        if len({t.get("browserContextId") for t in infos}) > 1:  # the default context's alone
+            raise StackError("a browser context is left")
         # the omnibox popup shows up as a page target of its own (chrome://omnibox-popup...)
         pages = [
             t for t in infos if t.get("type") == "page" and not str(t.get("url")).startswith("chrome://")
         ]
         if len(pages) != 1 or pages[0].get("url") != "about:blank":
             raise StackError(f"{len(pages)} pages left: {[p.get('url') for p in pages][:5]}")
-        cookies = (await cdp.call("Storage.getCookies")).get("cookies", [])
+        cookies = jar.get("cookies", [])
         if cookies:
             raise StackError(f"{len(cookies)} cookies left")
         return {"pages": 1, "cookies": 0}
@@ -592,12 +592,31 @@ class ChromiumBrowser(Service):
         await cdp.call(
             "Target.setAutoAttach", {"autoAttach": True, "waitForDebuggerOnStart": True, "flatten": True}
         )
+        await self._warm_up()
         log.info(
             "Chromium up (pid {pid}) on display :{display}",
             pid=process.pid,
             display=self.display,
             event="chromium-started",
         )
+
+    async def _warm_up(self) -> None:
+        """Open and throw away one context with a window, so the first PREPARE is not the cold one.
+
+        A new Chromium's first context and window cost about a second more than the later ones
+        (measured: 1.2 s against 0.3-0.4 s); a FREE VM pays it before anyone waits.
+        """
+        cdp = self._cdp()
+        try:
+            context = (await cdp.call("Target.createBrowserContext", {"disposeOnDetach": False}))[
+                "browserContextId"
+            ]
+            await cdp.call(
+                "Target.createTarget", {"url": "about:blank", "browserContextId": context, "newWindow": True}
+            )
+            await cdp.call("Target.disposeBrowserContext", {"browserContextId": context})
+        except CdpError as e:
+            log.warn("Warming Chromium up failed: {error}", error=str(e))
 
     async def _restart_chromium(self, reason: str) -> None:
         """Chromium (and Xvnc, PulseAudio if they died) from scratch, with a wiped profile."""
@@ -790,12 +809,19 @@ class ChromiumBrowser(Service):
         """A new tab of the session: its page events on, then let it run."""
         cdp = self._cdp()
         try:
-            await cdp.call("Page.enable", None, tab)
-            await cdp.call("Runtime.addBinding", {"name": TITLE_BINDING}, tab)
-            await cdp.call("Page.addScriptToEvaluateOnNewDocument", {"source": TITLE_SCRIPT}, tab)
-            await cdp.call("Runtime.enable", None, tab)
-            await cdp.call("Runtime.runIfWaitingForDebugger", None, tab)
-        except CdpError as e:
+            # One trip, not five: a session runs its commands in order, so the tab is let go only
+            # after its watchers are on (measured: about 0.3 s less per PREPARE).
+            await gatherResults(
+                [
+                    cdp.send("Page.enable", None, tab),
+                    cdp.send("Runtime.addBinding", {"name": TITLE_BINDING}, tab),
+                    cdp.send("Page.addScriptToEvaluateOnNewDocument", {"source": TITLE_SCRIPT}, tab),
+                    cdp.send("Runtime.enable", None, tab),
+                    cdp.send("Runtime.runIfWaitingForDebugger", None, tab),
+                ],
+                consumeErrors=True,
+            )
+        except FirstError as e:
             log.info("A tab went before it was watched: {error}", error=str(e))
             return
         attached = self._attached.get(target)

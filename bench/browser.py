@@ -1,0 +1,156 @@
+"""Benchmark of the browser VM's stack (issue #9): prepare and cleanup times, memory, capacity.
+
+Prints figures, asserts nothing.  Run from the repository root (as root: Chromium then runs as
+``nobody`` with its sandbox on, as in a VM)::
+
+    .venv/bin/python bench/browser.py [--rounds 30] [--vms 3] [--capacity 12]
+
+Drives :class:`guest_agent.chromium.ChromiumBrowser` directly, several at once on the host's
+loopback (one display, VNC port and profile each), with a home page served locally:
+
+* FREE→READY: ``prepare`` (fresh browser context, two cookies, window, home page loaded) p50/p99
+  over ``--rounds``, each followed by a ``cleanup`` (context disposed, proven clean): CLEANUP p50;
+* PSS per idle VM: ``--vms`` stacks started and idle, the PSS (``/proc/PID/smaps_rollup``) of
+  every process of each stack (Xvnc, PulseAudio, Chromium and all its children) summed, per VM;
+  summed RSS would count Chromium's shared pages many times;
+* capacity: stacks started one by one, each prepared (READY) and kept, until a prepare passes
+  1 s (or ``--capacity`` stacks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+from typing import Any
+
+import psutil
+from twisted.internet import defer, task
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from twisted.web.static import Data
+
+from guest_agent.chromium import ChromiumBrowser
+from guest_agent.stack import find_stack
+
+HOME_PAGE = b"<html><head><title>Bench home</title></head><body style='background:#0f0'>home</body></html>"
+COOKIES = [{"name": "task", "value": "t-7"}, {"name": "worker", "value": "w-42"}]
+
+
+def pss_of(pids: set[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+    return total
+
+
+def stack_pids(browser: ChromiumBrowser) -> set[int]:
+    pids: set[int] = set()
+    for process in (browser.xvnc, browser.pulse, browser.chromium):
+        if process is not None and process.pid is not None:
+            pids.add(process.pid)
+            with contextlib.suppress(psutil.Error):
+                pids.update(c.pid for c in psutil.Process(process.pid).children(recursive=True))
+    return pids
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def main(reactor: Any, options: argparse.Namespace) -> None:
+    programs, missing = find_stack()
+    if programs is None:
+        raise SystemExit(f"no browser stack: {', '.join(missing)}")
+    root = Resource()
+    root.putChild(b"", Data(HOME_PAGE, "text/html"))
+    port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+    home = f"http://127.0.0.1:{port.getHost().port}/"
+    user = (65534, 65534) if os.geteuid() == 0 else None
+    browsers: list[ChromiumBrowser] = []
+
+    async def start() -> ChromiumBrowser:
+        browser = ChromiumBrowser(reactor, programs, vnc_host="127.0.0.1", vnc_port=free_port(), user=user)
+        browser.startService()
+        await browser.started
+        browsers.append(browser)
+        return browser
+
+    async def prepare(browser: ChromiumBrowser) -> float:
+        began = time.perf_counter()
+        await browser.prepare(home, COOKIES, (1280, 800), True, vnc_password="bench123")
+        return time.perf_counter() - began
+
+    try:
+        began = time.perf_counter()
+        first = await start()
+        print(f"stack start (Xvnc, PulseAudio, Chromium, CDP): {time.perf_counter() - began:.2f} s")
+        prepares, cleanups = [], []
+        for _ in range(options.rounds):
+            prepares.append(await prepare(first))
+            await task.deferLater(reactor, 0.2, lambda: None)
+            began = time.perf_counter()
+            await first.cleanup()
+            cleanups.append(time.perf_counter() - began)
+        print(
+            f"FREE->READY over {options.rounds} rounds: p50 {statistics.median(prepares) * 1000:.0f} ms,"
+            f" p99 {pct(prepares, 99) * 1000:.0f} ms (first {prepares[0] * 1000:.0f} ms)"
+        )
+        p50, p99 = statistics.median(cleanups) * 1000, pct(cleanups, 99) * 1000
+        print(f"CLEANUP: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+
+        while len(browsers) < options.vms:
+            await start()
+        await task.deferLater(reactor, 3.0, lambda: None)  # idle: start-up work done
+        per_vm = [pss_of(stack_pids(b)) for b in browsers]
+        print(
+            f"PSS per idle VM ({len(browsers)} VMs, smaps_rollup):"
+            f" mean {statistics.mean(per_vm) / 2**20:.0f} MiB,"
+            f" range {min(per_vm) / 2**20:.0f}-{max(per_vm) / 2**20:.0f} MiB"
+        )
+
+        held = 0
+        for browser in browsers:
+            await prepare(browser)
+            held += 1
+        while len(browsers) < options.capacity:
+            browser = await start()
+            took = await prepare(browser)
+            held += 1
+            print(f"  prepared VM {held}: {took * 1000:.0f} ms")
+            if took > 1.0:
+                print(f"capacity: prepare passed 1 s at VM {held}; {held - 1} prepared VMs held before that")
+                break
+        else:
+            print(f"capacity: {held} prepared VMs held, every prepare under 1 s (stopped at --capacity)")
+    finally:
+        for browser in browsers:
+            await browser.stopService()
+        await port.stopListening()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--vms", type=int, default=3)
+    parser.add_argument("--capacity", type=int, default=12)
+    args = parser.parse_args()
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor, args)))
