@@ -189,14 +189,16 @@ class WsPipe(WebSocketClientProtocol):
         return data
 
 
-async def open_ws(reactor: Any, port: int, path: str, *, origin: str | None = None) -> WsPipe:
+async def open_ws(
+    reactor: Any, port: int, path: str, *, origin: str | None = None, pipe: type[WsPipe] = WsPipe
+) -> WsPipe:
     """A WebSocket (subprotocol ``binary``) to ``ws://127.0.0.1:port/path``, once open."""
     factory = WebSocketClientFactory(
         f"ws://127.0.0.1:{port}{path}", protocols=["binary"], origin=origin, reactor=reactor
     )
-    factory.protocol = WsPipe
+    factory.protocol = pipe
     factory.setProtocolOptions(openHandshakeTimeout=5, closeHandshakeTimeout=1)
-    pipe = WsPipe()
+    pipe = pipe()
     pipe.factory = factory
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), pipe)
     await pipe.opened
