@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 import attrs
 
+from vmcloud import boundedjson
 from vmcloud.stomp.frame import Frame
 from vmcloud.words.destinations import BROADCAST, IDENTITY_RE, LOGIN_HEADER, guest_destination
 
@@ -24,6 +25,10 @@ WORD_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,31}$")
 CMD_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: Where a word may start its payload.
 SEPARATORS = (b" ", b"\n")
+#: The largest JSON a word may carry (payload or header), nested at most
+#: :data:`~vmcloud.boundedjson.MAX_DEPTH` deep: the embedded broker's body limit (``Limits.max_body``),
+#: so that a word relayed by an external broker allowing larger frames is held to the same size.
+MAX_JSON_BYTES = 16 * 1024 * 1024
 
 #: Header naming who a request is for: an identity, or ``*`` for every guest (on BROADCAST).
 TO = "to"
@@ -124,8 +129,8 @@ def json_payload(frame: Frame) -> dict[str, Any]:
     if not payload.strip():
         return {}
     try:
-        value = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        value = boundedjson.loads(payload.decode("utf-8"), max_bytes=MAX_JSON_BYTES)
+    except ValueError as e:  # JsonRefused, JSONDecodeError, UnicodeDecodeError
         raise MalformedWord(f"{word} payload is not JSON: {printable(str(e))}") from None
     if not isinstance(value, dict):
         raise MalformedWord(f"{word} payload is not a JSON object")
@@ -170,7 +175,9 @@ def json_header(frame: Frame, name: str) -> Any:
     if value is None or value == "":
         return None
     try:
-        return json.loads(value)
+        return boundedjson.loads(value, max_bytes=MAX_JSON_BYTES)
+    except boundedjson.JsonRefused as e:
+        raise MalformedWord(f"header {name!r}: {e}") from None
     except ValueError:
         raise MalformedWord(f"header {name!r} is not JSON") from None
 
