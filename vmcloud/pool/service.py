@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -234,6 +234,7 @@ class PoolService(Service):
         self._waiters: dict[str, list[Deferred[None]]] = {}
         self._expiry: dict[str, IDelayedCall] = {}
         self._stopping = False
+        self._access_watchers: list[tuple[Callable[[str, str], None], Callable[[str, str], None]]] = []
         self._attach(state)
         channel.add_listener(self)
 
@@ -699,9 +700,34 @@ class PoolService(Service):
 
     # ------------------------------------------------------------------ observers
 
+    def watch_access(
+        self, handle_ended: Callable[[str, str], None], vm_ended: Callable[[str, str], None]
+    ) -> None:
+        """Be told at once when a handle stops lending its VM (``handle_ended(token, why)``: released,
+        expired, or its VM died) and when a VM dies or is terminated (``vm_ended(vmid, why)``), so
+        the console and audio proxies close their sockets then (SPEC: within a second)."""
+        self._access_watchers.append((handle_ended, vm_ended))
+
+    def _access_ended(self, token: str | None, vmid: str | None, why: str) -> None:
+        for handle_ended, vm_ended in self._access_watchers:
+            try:
+                if token is not None:
+                    handle_ended(token, why)
+                if vmid is not None:
+                    vm_ended(vmid, why)
+            except Exception:
+                log.failure("A watcher of handles and VMs failed ({why})", why=why)
+
     def _log_transition(self, old: VM | None, new: VM | None) -> None:
         vm = new or old
         assert vm is not None
+        if self._access_watchers and old is not None:
+            why = f"VM {old.vmid} died" + (f" ({new.reason})" if new is not None and new.reason else "")
+            lent = old.handle if old.state is VMState.OCCUPIED else None
+            if lent is not None and (new is None or new.handle != lent):
+                self._access_ended(lent, None, why)
+            if new is None or not new.alive:
+                self._access_ended(None, old.vmid, why)
         if old is not None and new is not None and new.state is VMState.FREE and old.state in BOOTED:
             self._reconciler.guest_arrived()
         before = old.state.value if old is not None else "new"
@@ -711,6 +737,7 @@ class PoolService(Service):
         self._wake(token)
 
     def _handle_gone(self, token: str) -> None:
+        self._access_ended(token, None, "the handle was released or expired")
         call = self._expiry.pop(token, None)
         if call is not None and call.active():
             call.cancel()
