@@ -29,7 +29,7 @@ setup(
     package_data={"twisted.plugins": ["vmcloud_plugins.py"]},
     data_files=shared_tree("etc") + shared_tree("static"),
     install_requires=[
-        "twisted>=24.3",
+        "twisted>=25.5",  # Site(parsePOSTFormSubmission=False): the API never parses form bodies
         "klein>=24.8",
         "werkzeug>=2",  # Klein's router: the API maps its exceptions to JSON errors
         "prometheus_client>=0.20",
@@ -48,6 +48,7 @@ setup(
             "psutil>=5.9",  # tests and benches measure processes with it
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",
+            "schemathesis>=4.0",  # the REST attack suite draws requests from /openapi.json
             "stomp.py>=8.1",
             "treq>=24",
             "ruff>=0.6",

@@ -32,10 +32,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
-from twisted.web.server import Site
 
 from vmcloud import memory
 from vmcloud.api.accesslog import redacted_log_formatter
+from vmcloud.api.site import ApiSite
 from vmcloud.config import (
     DEFAULT_API,
     Config,
@@ -337,20 +337,21 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
     return root
 
 
-def _make_site(resource: Any, access_log: str, state_dir: FilePath[str]) -> Site:
+def _make_site(resource: Any, access_log: str, state_dir: FilePath[str]) -> ApiSite:
     """The HTTP site, with its access log (handles shortened) in a file of its own by default.
 
     A file written directly costs a fraction of a line through the daemon's log system, which
-    was the largest single cost of a request.
+    was the largest single cost of a request.  An ``ApiSite``: request limits, and every refusal
+    in the API's JSON shape.
     """
     if access_log == "-":
-        return Site(resource, logFormatter=redacted_log_formatter)
-    site = Site(resource, logPath=None, logFormatter=redacted_log_formatter)
+        return ApiSite(resource, logFormatter=redacted_log_formatter)
+    site = ApiSite(resource, logPath=None, logFormatter=redacted_log_formatter)
     if access_log == "none":
         site.log = lambda request: None  # type: ignore[method-assign]
         return site
     path = access_log if os.path.isabs(access_log) else state_dir.child(access_log).path
-    return Site(resource, logPath=path, logFormatter=redacted_log_formatter)
+    return ApiSite(resource, logPath=path, logFormatter=redacted_log_formatter)
 
 
 def _warn_if_backlog_capped(backlog: int, path: str = "/proc/sys/net/core/somaxconn") -> None:

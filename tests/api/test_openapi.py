@@ -8,7 +8,13 @@ from typing import Any
 
 from tests.api.client import HANDLE, TOKEN, ApiTestCase
 from vmcloud.api.openapi import openapi_document
-from vmcloud.pool.interfaces import BatchCancelled, ShuttingDown, UnknownBatch, UnknownHandle
+from vmcloud.pool.interfaces import (
+    BatchCancelled,
+    InvalidRequest,
+    ShuttingDown,
+    UnknownBatch,
+    UnknownHandle,
+)
 
 HOME = "http%3A%2F%2Fexample.com%2F"
 HTTP_METHODS = {"get", "post", "put", "delete", "patch", "options", "head"}
@@ -30,6 +36,7 @@ SCENARIOS: list[tuple[str, str, str | None, BaseException | None, bool, dict[str
     ("POST", "/lock/b1", None, None, False, {}),
     ("POST", "/lock/b9", "lock", UnknownBatch("b9"), True, {}),
     ("POST", "/lock/b1", "lock", BatchCancelled("b1"), True, {}),
+    ("POST", "/lock/b1", "lock", InvalidRequest("2 locks are already waiting for a VM"), True, {}),
     ("POST", "/lock/b1", "lock", BUG, True, {}),
     ("POST", f"/release/{HANDLE}", None, None, False, {}),
     ("POST", f"/release/{HANDLE}", "release", UnknownHandle("h"), False, {}),

@@ -12,6 +12,7 @@ The composition root calls :func:`make_api` and serves ``make_api(...).resource(
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -25,7 +26,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
-from werkzeug.routing import RequestRedirect
+from werkzeug.routing import BaseConverter, RequestRedirect
 
 from vmcloud.api.access import BearerToken, CorsPolicy
 from vmcloud.api.errors import ApiError, error_body
@@ -33,6 +34,7 @@ from vmcloud.api.inputs import (
     MAX_BODY_BYTES,
     homepage_segment,
     parse_batch_options,
+    parse_batch_size,
     parse_count,
     parse_wait,
     wants_json,
@@ -47,6 +49,8 @@ log = Logger(namespace="vmcloud.api")
 JSON_TYPE = b"application/json"
 TEXT_TYPE = b"text/plain; charset=utf-8"
 MONITOR_PATH = b"/static/monitor.html"
+# A "%" that does not start a percent-escape: Twisted would pass it on as it is.
+_BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
 Params = Mapping[str, str]
 # "admin": needs the token (when one is set); "handle": the handle is the capability, CORS allowed;
@@ -66,10 +70,11 @@ class Route:
 
 
 class _ApiResource(KleinResource):
-    """Klein's resource, with a JSON 400 for a path or host that is not UTF-8.
+    """Klein's resource, with a JSON 400 for a path that is not UTF-8 or not percent-encoded.
 
-    Klein answers those itself in plain text and logs a traceback for them; a client sending
-    ``%FF`` in a path must get neither.
+    Klein answers an undecodable path itself in plain text and logs a traceback for it; a client
+    sending ``%FF`` in a path must get neither.  A stray ``%`` (``%ZZ``) would reach the routes
+    as it is and, in a homepage, become part of a URL the client did not mean.
     """
 
     def render(self, request: IRequest) -> Any:
@@ -79,11 +84,25 @@ class _ApiResource(KleinResource):
             b"/".join(request.prepath + request.postpath).decode("utf-8")
             request.getRequestHostname().decode("utf-8")
         except UnicodeDecodeError:
-            log.info("refused a request whose path or host is not UTF-8", event="api-refused")
-            request.setResponseCode(400)
-            request.setHeader(b"Content-Type", JSON_TYPE)
-            return error_body("bad-request", "the path (after percent-decoding) is not UTF-8")
+            message = "the path (after percent-decoding) is not UTF-8"
+            return _refuse(request, None, 400, "bad-request", message, ())
+        if _BAD_PERCENT.search(request.path):
+            message = "the path holds a '%' that does not start a percent-escape (%XX, two hex digits)"
+            return _refuse(request, None, 400, "bad-request", message, ())
         return super().render(request)
+
+
+class _HomepageConverter(BaseConverter):
+    """prepare-batch's homepage: the rest of the path, whatever characters it holds once decoded.
+
+    werkzeug's ``path`` converter stops at a newline (its ``.`` does not match one), so a homepage
+    holding ``%0A`` matched no route and got 404 "no such route"; taken whole, it reaches
+    :func:`~vmcloud.pool.service.check_homepage`, whose 400 says what is wrong with it.  An empty
+    homepage is taken too, for the same reason.
+    """
+
+    part_isolating = False
+    regex = "(?s:.*)"
 
 
 class _ApiApp(Klein):
@@ -119,7 +138,7 @@ class RestApi:
         """Every route of the SPEC, with its handler."""
         return [
             (Route("POST", "/set-pool-size/<min>/<max>/<linger>", "admin"), self.set_pool_size),
-            (Route("POST", "/prepare-batch/<size>/<path:homepage>", "admin"), self.prepare_batch),
+            (Route("POST", "/prepare-batch/<size>/<homepage:homepage>", "admin"), self.prepare_batch),
             (Route("POST", "/lock/<batch>", "admin"), self.lock),
             (Route("POST", "/release/<handle>", "handle"), self.release),
             (Route("GET", "/handle-status/<handle>", "handle"), self.handle_status),
@@ -145,7 +164,7 @@ class RestApi:
         return _no_content(request)
 
     async def prepare_batch(self, request: IRequest, params: Params) -> bytes:
-        size = parse_count("size", params["size"])
+        size = parse_batch_size(params["size"])
         # Klein moved the segments up to the homepage's first one into prepath.
         homepage = homepage_segment(request.path, len(request.prepath) - 1)
         body = request.content.read(MAX_BODY_BYTES + 1) if request.content is not None else b""
@@ -292,6 +311,7 @@ def make_api(
     app = _ApiApp()
     # A homepage may hold "//" once decoded; merging slashes would redirect instead of routing.
     app.url_map.merge_slashes = False
+    app.url_map.converters["homepage"] = _HomepageConverter
     for route, handler in api.routes():
         name = handler.__name__
         app.route(route.rule, methods=[route.method], endpoint=name, branch=route.branch)(

@@ -8,13 +8,13 @@ come out.  ``int()`` is deliberately not used on raw input: it accepts ``" 7"``,
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
+from vmcloud import boundedjson
 from vmcloud.api.errors import bad_request
 from vmcloud.pool.interfaces import BatchOptions, Cookie
 from vmcloud.pool.service import check_homepage
@@ -23,6 +23,9 @@ from vmcloud.pool.service import check_homepage
 _COUNT = re.compile(r"[0-9]{1,15}")
 _SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
 
+#: The largest request body the API reads (prepare-batch's options: 100 cookies of a few KB fit);
+#: the HTTP layer refuses a larger one with 413 before it is read, and JSON bodies are parsed
+#: with this size limit and :data:`~vmcloud.boundedjson.MAX_DEPTH` levels of nesting.
 MAX_BODY_BYTES = 64 * 1024
 MAX_COOKIES = 100
 MAX_COOKIE_CHARS = 4096
@@ -43,6 +46,19 @@ def parse_count(name: str, raw: str) -> int:
     if not _COUNT.fullmatch(raw):
         raise bad_request(f"{name} must be a non-negative integer, got {_shown(raw)}")
     return int(raw)
+
+
+def parse_batch_size(raw: str) -> int:
+    """prepare-batch's ``size``: at least 1.
+
+    A batch is how many VMs are kept READY for it; a batch of 0 would keep none, yet each lock
+    on it would still be given a VM prepared on demand, so a size of 0 is refused rather than
+    meaning "no VMs" to the application and "any number" to the pool.
+    """
+    size = parse_count("size", raw)
+    if size < 1:
+        raise bad_request("size must be at least 1: it is how many VMs the batch keeps READY for its locks")
+    return size
 
 
 def parse_wait(raw: bytes | None, *, default: float, maximum: float) -> float:
@@ -88,8 +104,10 @@ def parse_batch_options(body: bytes) -> BatchOptions:
     if not body.strip():
         return BatchOptions()
     try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+        document = boundedjson.loads(body, max_bytes=MAX_BODY_BYTES)
+    except boundedjson.JsonRefused as e:
+        raise bad_request(f"request body refused: {e}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise bad_request(f"request body is not valid JSON: {e}") from None
     if not isinstance(document, dict):
         raise bad_request("request body must be a JSON object")

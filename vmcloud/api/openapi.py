@@ -26,16 +26,17 @@ def _path_param(name: str, description: str, schema: dict[str, Any] | None = Non
     }
 
 
-def _count_param(name: str, description: str) -> dict[str, Any]:
-    return _path_param(name, description, {"type": "integer", "minimum": 0})
+def _count_param(name: str, description: str, minimum: int = 0) -> dict[str, Any]:
+    return _path_param(name, description, {"type": "integer", "minimum": minimum})
 
 
 _HANDLE = _path_param("handle", "A VM handle returned by lock; the capability to use that VM.")
 _BATCH = _path_param("batch", "A batch id returned by prepare-batch.")
 
 _COMMON_ERRORS: dict[str, str] = {
-    "400": "Bad input: not a non-negative integer, min > max, a size over the cap, a homepage that is not "
-    "http(s), a body that is not the expected JSON, or too large.",
+    "400": "Bad input: not a non-negative integer, min > max, a batch size of 0 or over the cap, a homepage "
+    "that is not http(s) or holds control characters, a body that is not the expected JSON (or nests deeper "
+    "than 32 levels), or too large; on lock, too many locks already waiting for a VM.",
     "401": "An admin route called without `Authorization: Bearer <token>` while a token is configured.",
     "404": "Unknown (or released, or expired) handle, or unknown batch.",
     "409": "The batch is cancelled, or the pool is shutting down.",
@@ -120,7 +121,11 @@ def openapi_document() -> dict[str, Any]:
                 "A pool of VMs each running a browser, for crowd work. Admin routes need "
                 "`Authorization: Bearer <token>` when a token is configured. Every error is JSON "
                 '`{"error": "<code>", "message": "<text>"}`; an unknown path answers 404 and a known '
-                "path with the wrong method 405, both in that shape."
+                "path with the wrong method 405, both in that shape.  So does the HTTP layer, before any "
+                "route: 400 for a request that is not HTTP/1.1 (or a path that is not UTF-8 or not "
+                "percent-encoded), 413 for a body over 64 KiB, 414 for a request line over 16 KiB, 431 "
+                "for header lines over 16 KiB in all or more than 100 of them.  Form bodies are never "
+                "parsed: a body is whatever the route says (JSON), whatever its Content-Type."
             ),
         },
         "paths": {
@@ -145,7 +150,12 @@ def openapi_document() -> dict[str, Any]:
                     },
                     admin=True,
                     parameters=[
-                        _count_param("size", "How many VMs the batch keeps READY."),
+                        _count_param(
+                            "size",
+                            "How many VMs the batch keeps READY; at least 1 (a batch of none would have "
+                            "nothing to lend, yet its locks would be served on demand).",
+                            minimum=1,
+                        ),
                         _path_param(
                             "homepage",
                             "An http(s) URL as ONE URL-encoded path segment (encode `/` as %2F).",
@@ -163,7 +173,7 @@ def openapi_document() -> dict[str, Any]:
                     "Lock a VM of the batch; the handle may wait unassigned until a VM is READY.",
                     {
                         "200": _lock_answer(),
-                        **_errors("401", "404", "409", "500"),
+                        **_errors("400", "401", "404", "409", "500"),
                     },
                     admin=True,
                     parameters=[_BATCH],
@@ -314,7 +324,8 @@ def _schemas() -> dict[str, Any]:
                 "error": {
                     "type": "string",
                     "description": "Stable code: bad-request, unauthorized, unknown-batch, unknown-handle, "
-                    "batch-cancelled, shutting-down, not-found, method-not-allowed, internal-error.",
+                    "batch-cancelled, shutting-down, not-found, method-not-allowed, internal-error; from "
+                    "the HTTP layer: body-too-large (413), uri-too-long (414), headers-too-large (431).",
                 },
                 "message": {"type": "string", "description": "For humans."},
             },
