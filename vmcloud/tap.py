@@ -325,12 +325,16 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
     if token is None:
         log.warn("no API token configured: the API is open to local users only ({listen})", listen=listen)
     static_dir = FilePath(config.api.static_dir) if config.api.static_dir else _shipped_static()
+    from vmcloud.console.proxies import build_proxies
+
+    proxies = build_proxies(reactor, pool, token=token, cors_origins=config.api.cors_origins)
     app = make_api(
         pool,
         token=token,
         cors_origins=config.api.cors_origins,
         static_dir=static_dir,
         long_poll_default=config.api.long_poll_default,
+        mounts=proxies.mounts,
     )
     site = _make_site(app.resource(), config.api.access_log, state_dir)
     strports.service(with_backlog(listen, backlog), site, reactor).setServiceParent(root)

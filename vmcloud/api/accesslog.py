@@ -8,13 +8,19 @@ six characters of a handle (enough to follow one worker through the log).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.web.http import combinedLogFormatter
 from twisted.web.iweb import IRequest
 
-HANDLE_ROUTES = frozenset({b"release", b"handle-status", b"renew-expire", b"last-event-id", b"fetch-events"})
+HANDLE_ROUTES = frozenset(
+    {b"release", b"handle-status", b"renew-expire", b"last-event-id", b"fetch-events", b"console", b"audio"}
+)
 KEPT_CHARS = 6
+#: The console's operator route takes the admin token as ``?token=`` (browsers cannot set headers on
+#: a WebSocket); it never reaches a log.
+_TOKEN = re.compile(rb"(^|&)token=[^&]*")
 
 
 def redact_uri(uri: bytes) -> bytes:
@@ -23,7 +29,7 @@ def redact_uri(uri: bytes) -> bytes:
     segments = path.split(b"/")
     if len(segments) > 2 and segments[1] in HANDLE_ROUTES and len(segments[2]) > KEPT_CHARS:
         segments[2] = segments[2][:KEPT_CHARS] + b"..."
-    return b"/".join(segments) + question + query
+    return b"/".join(segments) + question + _TOKEN.sub(rb"\1token=...", query)
 
 
 class _RedactedRequest:

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import BaseConverter, RequestRedirect
 
@@ -292,13 +293,16 @@ def make_api(
     static_dir: FilePath[str],
     long_poll_default: float = 5.0,
     max_long_poll: float = 30.0,
+    mounts: Mapping[str, IResource] | None = None,
 ) -> Klein:
     """The Klein app of the REST API over ``pool``.
 
     ``token`` None (or empty) means no admin auth: the composition root then listens on loopback
     only.  ``cors_origins`` lists the browser origins allowed on the handle routes (``"*"`` for
     any).  ``long_poll_default`` is how long fetch-events waits without ``?wait=``, and
-    ``max_long_poll`` caps what a client may ask for.
+    ``max_long_poll`` caps what a client may ask for.  ``mounts`` serve whole subtrees
+    (``{"console": ...}`` answers everything under ``/console/``: the WebSocket and streaming
+    proxies of :mod:`vmcloud.console`, which make their own checks and JSON refusals).
     """
     api = RestApi(
         pool,
@@ -319,6 +323,8 @@ def make_api(
         )
         if route.access == "handle":
             app.route(route.rule, methods=["OPTIONS"], endpoint=f"{name}_preflight")(api.preflight(route))
+    for prefix, mounted in (mounts or {}).items():
+        app.route(f"/{prefix}/", branch=True, endpoint=f"mount_{prefix}")(lambda request, _r=mounted: _r)
 
     @app.handle_errors(HTTPException)
     def routing_error(request: IRequest, failure: Failure) -> bytes:
