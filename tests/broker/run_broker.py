@@ -1,7 +1,11 @@
 """Run the embedded broker alone on 127.0.0.1 for the integration tests (a real reactor, a real socket).
 
 Prints one JSON line ``{"port": ..., "credentials": {vmid: [login, passcode]}}`` once listening,
-and stops when its stdin closes, so a test that dies never leaves it behind.
+and stops when its stdin closes, so a test that dies never leaves it behind.  Each ``stats`` line
+on stdin is answered with a JSON line on stdout: the broker's :class:`BrokerStats`, and what the
+process holds once the garbage is collected and free heap pages are returned (``blocks``: Python's
+allocated memory blocks; ``rss``: bytes resident).  ``--log-file`` writes the broker's log there as
+JSON lines (else it is dropped).
 
     python -m tests.broker.run_broker --heartbeat-floor-ms 100 --max-body 2097152 --mint a --mint b
 """
@@ -9,15 +13,20 @@ and stops when its stdin closes, so a test that dies never leaves it behind.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import sys
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.protocol import Protocol
 from twisted.internet.stdio import StandardIO
+from twisted.logger import globalLogBeginner, jsonFileLogObserver
+from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
+from vmcloud import memory
 from vmcloud.broker import Broker, BrokerLimits
 from vmcloud.stomp.codec import Limits
 
@@ -25,10 +34,31 @@ CONTROLLER = ("controller", "controller-secret")
 OPERATORS = {"alice": "alice-secret"}
 
 
-class _StopOnStdinClose(Protocol):
+class _Control(LineOnlyReceiver):
+    """stdin: ``stats`` lines are answered on stdout; the broker stops when stdin closes."""
+
+    delimiter = b"\n"
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def lineReceived(self, line: bytes) -> None:
+        if line.strip() == b"stats":
+            sys.stdout.write(json.dumps(held(self.broker)) + "\n")
+            sys.stdout.flush()
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         if reactor.running:  # type: ignore[attr-defined]
             reactor.stop()  # type: ignore[attr-defined]
+
+
+def held(broker: Broker) -> dict[str, int]:
+    """The broker's counts, and the memory the process holds after a full collection and a trim."""
+    gc.collect()
+    memory.trim()
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return {**attrs.asdict(broker.stats()), "blocks": sys.getallocatedblocks(), "rss": rss}
 
 
 def main() -> None:
@@ -37,11 +67,18 @@ def main() -> None:
     parser.add_argument("--max-body", type=int, default=16 * 1024 * 1024)
     parser.add_argument("--mint", action="append", default=[])
     parser.add_argument("--anonymous", action="store_true")
+    parser.add_argument("--connect-timeout", type=float, default=5.0)
+    parser.add_argument("--max-connections", type=int, default=BrokerLimits().max_connections)
+    parser.add_argument("--log-file")
     args = parser.parse_args()
+    if args.log_file:
+        log_file = open(args.log_file, "a")  # noqa: SIM115 - open as long as the process runs
+        globalLogBeginner.beginLoggingTo([jsonFileLogObserver(log_file)], redirectStandardIO=False)
     limits = BrokerLimits(
         frame=Limits(max_body=args.max_body),
         heartbeat_floor_ms=args.heartbeat_floor_ms,
-        connect_timeout=5,
+        connect_timeout=args.connect_timeout,
+        max_connections=args.max_connections,
     )
     broker = Broker(
         reactor,
@@ -64,7 +101,7 @@ def main() -> None:
 
     endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
     endpoint.listen(broker.factory()).addCallbacks(listening, failed)
-    StandardIO(_StopOnStdinClose())
+    StandardIO(_Control(broker))
     reactor.run()  # type: ignore[attr-defined]
 
 

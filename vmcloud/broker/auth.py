@@ -12,7 +12,7 @@ Four kinds of login, checked in this order:
   host only, never from a VM or another host.
 
 A guest's identity is its login.  It may subscribe only to its own command destination and the
-broadcast topic, and send only to the controller's destinations (:mod:`vmcloud.words.destinations`).
+broadcast topic, and send only to the controller's queue (:mod:`vmcloud.words.destinations`).
 """
 
 from __future__ import annotations
@@ -31,12 +31,7 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import Attribute, Interface, implementer
 
-from vmcloud.words.destinations import (
-    BROADCAST,
-    IDENTITY_RE,
-    guest_destination,
-    is_controller_destination,
-)
+from vmcloud.words.destinations import BROADCAST, CONTROLLER, IDENTITY_RE, guest_destination
 
 #: Prefix of the login minted for a VM: ``vm-<vmid>``.
 VM_LOGIN_PREFIX = "vm-"
@@ -89,7 +84,12 @@ class Guest:
         return destination == BROADCAST or destination == guest_destination(self.identity)
 
     def may_send(self, destination: str) -> bool:
-        return is_controller_destination(destination)
+        # The controller's queue, and no name beneath it: that is the one destination the
+        # controller reads.  ``/queue/vmcloud.controller.<anything>`` would be a queue nobody
+        # consumes, where a guest could have the broker store messages up to its whole store
+        # limit (256 MiB), kept until the broker restarts, and then refuse everyone's commands
+        # waiting for a guest (the attack suite found it).
+        return destination == CONTROLLER
 
 
 class Credentials:

@@ -699,7 +699,15 @@ class StompServerProtocol(Protocol):
         self._close()
 
     def _close(self) -> None:
-        """Stop everything and close the connection after flushing what was written."""
+        """Stop everything and close the connection after flushing what was written.
+
+        On a TCP socket this is a lingering close: the broker's side is shut once the ERROR (or
+        RECEIPT) is flushed, and what the peer still sends is read and dropped until it closes
+        too, or ``close_timeout`` runs out.  Closing the socket outright while the peer's bytes
+        keep arriving makes the kernel answer them with a reset, and a reset throws away the
+        ERROR the peer had not read yet: a client cut off mid-write (a body over the limit, a
+        pipelined session) would see its connection reset and never learn why.
+        """
         self.state = _State.CLOSING
         self._cancel_timers()
         self._inbox = None
@@ -709,8 +717,13 @@ class StompServerProtocol(Protocol):
         if self._registered:
             self._registered = False
             transport.unregisterProducer()
+        if isinstance(transport, tcp.Connection):
+            if self._reading_paused:
+                transport.resumeProducing()  # read on, to see the peer's end
+            transport.loseWriteConnection()
+        else:
+            transport.loseConnection()
         self._reading_paused = False
-        transport.loseConnection()
         self._timer = self.factory.clock.callLater(self.limits.close_timeout, self._abort_connection)
 
     def _abort_connection(self) -> None:
