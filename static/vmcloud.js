@@ -332,6 +332,421 @@
     }
   }
 
+  // ---------------------------------------------------------------------------------------------
+  // attach: the VM's screen and sound in an element (the console and audio proxies, issue #10).
+  // Kept apart from the REST helpers above: it needs a browser (DOM, WebSocket, Web Audio) and
+  // loads noVNC (ES modules under /static/novnc/) only when a page attaches.
+  // ---------------------------------------------------------------------------------------------
+
+  /** The absolute http(s) URL of path on base ("" is this page's own origin). */
+  function absolute(base, path) {
+    const origin = typeof location !== "undefined" ? location.href : "http://localhost/";
+    return new URL(trimBase(base) + path, origin);
+  }
+
+  /** The ws(s) URL of path on base (https -> wss: behind TLS the sockets are TLS too). */
+  function socketUrl(base, path) {
+    const url = absolute(base, path);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    return url.href;
+  }
+
+  const rfbModules = {};
+
+  /** noVNC's RFB class, imported once per base (cross-origin needs CORS on /static/, which it has). */
+  function loadRFB(base, moduleUrl) {
+    const url = moduleUrl || absolute(base, "/static/novnc/core/rfb.js").href;
+    if (!rfbModules[url]) {
+      rfbModules[url] = import(url).then(function (module) {
+        return module.default;
+      });
+    }
+    return rfbModules[url];
+  }
+
+  /**
+   * The AudioWorklet processor: a jitter buffer of a few tens of ms.  Frames from the decoder are
+   * queued; playback starts once target ms are queued; beyond max ms the oldest are dropped, so a
+   * stall never turns into lasting delay; an underrun plays silence and refills to the target.
+   * It posts the level (RMS of what it played) every ~50 ms: the page's meter, and the tests' ears.
+   */
+  const WORKLET = `
+class VmcloudJitter extends AudioWorkletProcessor {
+  constructor(options) {
+    super();
+    const o = options.processorOptions || {};
+    this.target = Math.round(sampleRate * (o.targetMs || 60) / 1000);
+    this.max = Math.round(sampleRate * (o.maxMs || 200) / 1000);
+    this.queue = [];
+    this.queued = 0;
+    this.offset = 0;
+    this.playing = false;
+    this.sum = 0;
+    this.count = 0;
+    this.dropped = 0;
+    this.port.onmessage = (e) => {
+      const frame = e.data;
+      this.queue.push(frame);
+      this.queued += frame[0].length;
+      while (this.queued - this.offset > this.max && this.queue.length > 1) {
+        const old = this.queue.shift();
+        this.queued -= old[0].length;
+        this.dropped += old[0].length;
+      }
+    };
+  }
+  process(inputs, outputs) {
+    const out = outputs[0];
+    const n = out[0].length;
+    if (!this.playing && this.queued - this.offset >= this.target) this.playing = true;
+    for (let i = 0; i < n; i++) {
+      let frame = this.queue[0];
+      if (!this.playing || !frame) {
+        this.playing = false;
+        for (const ch of out) ch[i] = 0;
+        continue;
+      }
+      for (let c = 0; c < out.length; c++) {
+        const v = frame[Math.min(c, frame.length - 1)][this.offset];
+        out[c][i] = v;
+        if (c === 0) { this.sum += v * v; }
+      }
+      this.count++;
+      this.offset++;
+      if (this.offset >= frame[0].length) {
+        this.queue.shift();
+        this.queued -= frame[0].length;
+        this.offset = 0;
+      }
+    }
+    if (this.count >= sampleRate / 20) {
+      this.port.postMessage({ level: Math.sqrt(this.sum / this.count),
+        buffered: (this.queued - this.offset) / sampleRate * 1000, dropped: this.dropped });
+      this.sum = 0;
+      this.count = 0;
+    }
+    return true;
+  }
+}
+registerProcessor("vmcloud-jitter", VmcloudJitter);
+`;
+
+  /** Whether this browser decodes Opus with WebCodecs (else the sound comes as PCM). */
+  async function opusDecodable() {
+    if (typeof AudioDecoder === "undefined") {
+      return false;
+    }
+    try {
+      const support = await AudioDecoder.isConfigSupported({ codec: "opus", sampleRate: 48000, numberOfChannels: 2 });
+      return !!support.supported;
+    } catch (ignored) {
+      return false;
+    }
+  }
+
+  function decodeBase64(text) {
+    const raw = atob(text);
+    const bytes = new Uint8Array(raw.length);
+    for (let i = 0; i < raw.length; i++) {
+      bytes[i] = raw.charCodeAt(i);
+    }
+    return bytes;
+  }
+
+  /**
+   * The VM's sound in this page: a WebSocket of Opus packets (WebCodecs) or PCM, into the jitter
+   * worklet.  start() must run from a user gesture the first time (autoplay policy).
+   */
+  class SoundPlayer {
+    constructor(url, options) {
+      this.url = url;
+      this.options = options;
+      this.context = null;
+      this.node = null;
+      this.socket = null;
+      this.decoder = null;
+      this.level = 0;
+      this.buffered = 0;
+      this.codec = null;
+      this.stopped = false;
+      this.timestamp = 0;
+      this.onLevel = options.onLevel || null;
+    }
+
+    async start() {
+      if (!this.context) {
+        this.context = new AudioContext({ sampleRate: 48000, latencyHint: "interactive" });
+        const module = URL.createObjectURL(new Blob([WORKLET], { type: "text/javascript" }));
+        await this.context.audioWorklet.addModule(module);
+        URL.revokeObjectURL(module);
+        this.node = new AudioWorkletNode(this.context, "vmcloud-jitter", {
+          numberOfInputs: 0,
+          outputChannelCount: [2],
+          processorOptions: { targetMs: this.options.jitterMs || 60, maxMs: this.options.maxDelayMs || 200 },
+        });
+        const self = this;
+        this.node.port.onmessage = function (e) {
+          self.level = e.data.level;
+          self.buffered = e.data.buffered;
+          if (self.onLevel) {
+            self.onLevel(e.data);
+          }
+        };
+        this.node.connect(this.context.destination);
+        this.pcm = !(await opusDecodable());
+        this.open();
+      }
+      if (this.context.state === "suspended") {
+        await this.context.resume();
+      }
+      return this.context.state;
+    }
+
+    open() {
+      if (this.stopped) {
+        return;
+      }
+      const self = this;
+      const socket = new WebSocket(this.url + (this.pcm ? "?format=pcm" : ""), ["binary"]);
+      socket.binaryType = "arraybuffer";
+      this.socket = socket;
+      socket.onmessage = function (e) {
+        if (typeof e.data === "string") {
+          self.configure(JSON.parse(e.data));
+        } else {
+          self.feed(new Uint8Array(e.data));
+        }
+      };
+      socket.onclose = function (e) {
+        self.socket = null;
+        if (!self.stopped && self.options.onClose) {
+          self.options.onClose(e.code, e.reason);
+        }
+      };
+    }
+
+    configure(format) {
+      if (format.type !== "format") {
+        return;
+      }
+      this.codec = format.codec;
+      this.channels = format.channels || 1;
+      if (this.decoder) {
+        this.decoder.close();
+        this.decoder = null;
+      }
+      if (format.codec === "opus") {
+        const node = this.node;
+        this.decoder = new AudioDecoder({
+          output: function (data) {
+            const planes = [];
+            for (let c = 0; c < data.numberOfChannels; c++) {
+              const plane = new Float32Array(data.numberOfFrames);
+              data.copyTo(plane, { planeIndex: c, format: "f32-planar" });
+              planes.push(plane);
+            }
+            data.close();
+            node.port.postMessage(planes, planes.map(function (p) { return p.buffer; }));
+          },
+          error: function (error) {
+            if (typeof console !== "undefined") {
+              console.warn("vmcloud: Opus decoder error", error);
+            }
+          },
+        });
+        this.decoder.configure({
+          codec: "opus",
+          sampleRate: format.sampleRate,
+          numberOfChannels: format.channels,
+          description: format.head ? decodeBase64(format.head) : undefined,
+        });
+        this.timestamp = 0;
+      }
+    }
+
+    feed(bytes) {
+      if (this.codec === "opus" && this.decoder && this.decoder.state === "configured") {
+        this.decoder.decode(new EncodedAudioChunk({ type: "key", timestamp: this.timestamp, data: bytes }));
+        this.timestamp += 20000;
+      } else if (this.codec === "pcm") {
+        const samples = new Int16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength >> 1);
+        const plane = new Float32Array(samples.length);
+        for (let i = 0; i < samples.length; i++) {
+          plane[i] = samples[i] / 32768;
+        }
+        this.node.port.postMessage([plane], [plane.buffer]);
+      }
+    }
+
+    stop() {
+      this.stopped = true;
+      if (this.socket) {
+        this.socket.close(1000);
+      }
+      if (this.decoder && this.decoder.state !== "closed") {
+        this.decoder.close();
+      }
+      if (this.context) {
+        this.context.close();
+      }
+    }
+  }
+
+  /**
+   * handle.attach(element, options): the VM's screen (noVNC, scaled to element) and, with
+   * options.audio, its sound.  Resolves to an Attachment once the screen is connecting:
+   *
+   *   const view = await vm.attach(document.getElementById("screen"), {
+   *     audio: true,                 // play the VM's sound (needs one click: view.startSound())
+   *     viewOnly: false,             // true: input is dropped by the controller too
+   *     onState: (state, detail) => ...,  // "waiting" | "connecting" | "connected" | "reconnecting"
+   *                                       // | "lost" (the VM died: detail.lost) | "ended" (released,
+   *                                       // expired: detail.error) | "detached"
+   *   });
+   *   view.detach();
+   *
+   * The screen reconnects by itself after a network blip (1 s, doubling to 10 s) while the
+   * handle holds its VM; it stops on a lost VM or an ended handle, and says so through onState.
+   * options.signal (an AbortSignal) detaches too.
+   */
+  Handle.prototype.attach = async function (element, options) {
+    options = options || {};
+    const handle = this;
+    const attachment = {
+      state: "waiting",
+      rfb: null,
+      sound: null,
+      detached: false,
+      status: null,
+      detach: function () {
+        if (attachment.detached) {
+          return;
+        }
+        attachment.detached = true;
+        clearTimeout(attachment.timer);
+        if (attachment.rfb) {
+          attachment.rfb.disconnect();
+        }
+        if (attachment.sound) {
+          attachment.sound.stop();
+        }
+        element.removeEventListener("pointerdown", gesture, true);
+        element.removeEventListener("keydown", gesture, true);
+        setState("detached", {});
+      },
+      /** Start (or resume) the sound: call it from a click or key handler the first time. */
+      startSound: function () {
+        return attachment.sound ? attachment.sound.start() : Promise.resolve("none");
+      },
+    };
+    function setState(state, detail) {
+      attachment.state = state;
+      if (options.onState) {
+        options.onState(state, detail || {});
+      }
+    }
+    function gesture() {
+      if (attachment.sound && !attachment.detached) {
+        attachment.sound.start().catch(function () {});
+      }
+    }
+    if (options.signal) {
+      options.signal.addEventListener("abort", attachment.detach);
+    }
+    setState("waiting", {});
+    const status = await this.waitAssigned({ signal: options.signal, timeout: options.timeout });
+    attachment.status = status;
+    const RFB = await loadRFB(this.base, options.rfbModule);
+    let pause = 1000;
+
+    /** After a disconnect: is the VM still ours?  Then come back, else say why not. */
+    async function afterDisconnect() {
+      let current;
+      try {
+        current = await handle.status();
+      } catch (error) {
+        if (error instanceof ApiError && error.status === 404) {
+          setState("ended", { error: error });
+          attachment.detach();
+          return;
+        }
+        current = null; // the controller is unreachable for now: try again
+      }
+      if (current && current.lost) {
+        setState("lost", { lost: current.lost });
+        if (options.onLost) {
+          options.onLost(current.lost);
+        }
+        return;
+      }
+      if (current && current.assigned) {
+        attachment.status = current;
+      }
+      setState("reconnecting", { pause: pause });
+      attachment.timer = setTimeout(connect, pause);
+      pause = Math.min(pause * 2, 10000);
+    }
+
+    function connect() {
+      if (attachment.detached) {
+        return;
+      }
+      const vm = attachment.status.vm || {};
+      // handle-status says where the console is (the controller's proxy path for this handle)
+      const path = vm.console + (options.viewOnly ? "?view_only=1" : "");
+      setState("connecting", {});
+      const rfb = new RFB(element, socketUrl(handle.base, path), {
+        credentials: { password: vm.vncPassword || "" },
+        wsProtocols: ["binary"],
+        shared: true,
+      });
+      rfb.scaleViewport = options.scale !== false;
+      rfb.resizeSession = false;
+      rfb.viewOnly = !!options.viewOnly;
+      rfb.background = options.background || "#222";
+      rfb.addEventListener("connect", function () {
+        pause = 1000;
+        setState("connected", {});
+      });
+      rfb.addEventListener("credentialsrequired", function () {
+        rfb.sendCredentials({ password: (attachment.status.vm || {}).vncPassword || "" });
+      });
+      rfb.addEventListener("disconnect", function (e) {
+        if (attachment.rfb === rfb) {
+          attachment.rfb = null;
+        }
+        if (!attachment.detached) {
+          afterDisconnect();
+        }
+      });
+      attachment.rfb = rfb;
+    }
+
+    connect();
+    const audioPath = (status.vm || {}).audio;
+    if (options.audio && audioPath) {
+      attachment.sound = new SoundPlayer(socketUrl(this.base, audioPath), {
+        jitterMs: options.jitterMs,
+        maxDelayMs: options.maxDelayMs,
+        onLevel: options.onLevel,
+        onClose: function () {
+          // the screen's disconnect handling says why; the sound follows it back
+          setTimeout(function () {
+            if (!attachment.detached && attachment.state !== "lost" && attachment.sound) {
+              attachment.sound.open();
+            }
+          }, 1000);
+        },
+      });
+      element.addEventListener("pointerdown", gesture, true);
+      element.addEventListener("keydown", gesture, true);
+      attachment.sound.start().catch(function () {
+        /* suspended until a gesture: startSound() or a click on the screen */
+      });
+    }
+    return attachment;
+  };
+
   /** The admin routes, for the operator's monitor page; every call sends the bearer token. */
   class Admin {
     constructor(base, token) {

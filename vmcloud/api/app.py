@@ -238,6 +238,9 @@ class RestApi:
         return b""
 
     async def static(self, request: IRequest, params: Params) -> StaticFiles:
+        # Public files; a worker page on another origin imports noVNC's ES modules from here, and
+        # module scripts are fetched with CORS.
+        request.setHeader(b"Access-Control-Allow-Origin", b"*")
         return self._static
 
     # ------------------------------------------------------------------ shared
