@@ -227,6 +227,12 @@ class Target:
             return identity, None
         return self.login, self.passcode
 
+    def guests_send_to(self, run: str, phase: str) -> str:
+        """Where a phase's guests send: on vmcloud's broker the controller's queue itself, the one
+        destination its guests may send to (the broker is fresh for every phase); elsewhere a
+        queue of the run's own, as a shared broker keeps queues from one run to the next."""
+        return CONTROLLER if self.kind == "ours" else f"{CONTROLLER}.{run}-{phase}"
+
     def queue_headers(self) -> dict[str, str]:
         """RabbitMQ keeps /queue/ destinations (durable) for ever: let them expire 10 s after their
         last use.  Every SEND and SUBSCRIBE carries the same argument, or RabbitMQ refuses the
@@ -629,7 +635,7 @@ def beacon(
 
 async def fanin(target: Target, run: str, n: int, seconds: float) -> dict[str, Any]:
     gen = Generator(target)
-    destination = f"{CONTROLLER}.{run}-fanin"
+    destination = target.guests_send_to(run, "fanin")
     extra = target.queue_headers()
     try:
         consumer = await gen.controller()
@@ -701,7 +707,7 @@ async def round_trip(target: Target, run: str, inflight: int, count: int) -> dic
     only the fixed-width cmd-id changes, and find the cmd-id with a regex instead of decoding."""
     gen = Generator(target)
     identity = f"{run}-g1"
-    replies = f"{CONTROLLER}.{run}-rtt"
+    replies = target.guests_send_to(run, "rtt")
     version = target.version
     extra = target.queue_headers()
     outcome = CommandOutcome(
@@ -846,7 +852,7 @@ async def idle(target: Target, run: str, levels: Sequence[int], heart_beat: str 
 async def flood(target: Target, run: str, sizes: Sizes) -> dict[str, Any]:
     gen = Generator(target)
     broker = target.broker()
-    destination = f"{CONTROLLER}.{run}-flood"
+    destination = target.guests_send_to(run, "flood")
     version = target.version
     extra = target.queue_headers()
     rate = sizes.flood_consume_rate
