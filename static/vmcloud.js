@@ -618,27 +618,30 @@ registerProcessor("vmcloud-jitter", VmcloudJitter);
       sound: null,
       detached: false,
       status: null,
+      /** Disconnect the screen and the sound (the handle stays the application's to release). */
       detach: function () {
-        if (attachment.detached) {
-          return;
+        if (!attachment.detached) {
+          stop();
+          setState("detached", {});
         }
-        attachment.detached = true;
-        clearTimeout(attachment.timer);
-        if (attachment.rfb) {
-          attachment.rfb.disconnect();
-        }
-        if (attachment.sound) {
-          attachment.sound.stop();
-        }
-        element.removeEventListener("pointerdown", gesture, true);
-        element.removeEventListener("keydown", gesture, true);
-        setState("detached", {});
       },
       /** Start (or resume) the sound: call it from a click or key handler the first time. */
       startSound: function () {
         return attachment.sound ? attachment.sound.start() : Promise.resolve("none");
       },
     };
+    function stop() {
+      attachment.detached = true;
+      clearTimeout(attachment.timer);
+      if (attachment.rfb) {
+        attachment.rfb.disconnect();
+      }
+      if (attachment.sound) {
+        attachment.sound.stop();
+      }
+      element.removeEventListener("pointerdown", gesture, true);
+      element.removeEventListener("keydown", gesture, true);
+    }
     function setState(state, detail) {
       attachment.state = state;
       if (options.onState) {
@@ -666,13 +669,14 @@ registerProcessor("vmcloud-jitter", VmcloudJitter);
         current = await handle.status();
       } catch (error) {
         if (error instanceof ApiError && error.status === 404) {
+          stop();
           setState("ended", { error: error });
-          attachment.detach();
           return;
         }
         current = null; // the controller is unreachable for now: try again
       }
       if (current && current.lost) {
+        stop();
         setState("lost", { lost: current.lost });
         if (options.onLost) {
           options.onLost(current.lost);
