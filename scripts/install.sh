@@ -16,6 +16,8 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || packages+=(python3-venv)
 [ -x /usr/lib/chromium/chromium ] || packages+=(chromium)
 command -v Xvnc >/dev/null 2>&1 || packages+=(tigervnc-standalone-server)
 command -v pulseaudio >/dev/null 2>&1 || packages+=(pulseaudio)
+command -v ffmpeg >/dev/null 2>&1 || packages+=(ffmpeg)  # the VM's sound: guest_agent/audio.py encodes Opus
+command -v xdotool >/dev/null 2>&1 || packages+=(xdotool)  # tests/console ask the X server where its pointer is
 command -v setpriv >/dev/null 2>&1 || packages+=(util-linux)
 fc-list 2>/dev/null | grep -qi dejavu || packages+=(fonts-dejavu-core)
 if [ ${#packages[@]} -gt 0 ]; then
