@@ -29,7 +29,7 @@ setup(
     package_data={"twisted.plugins": ["vmcloud_plugins.py"]},
     data_files=shared_tree("etc") + shared_tree("static"),
     install_requires=[
-        "twisted>=25.5",  # Site(parsePOSTFormSubmission=False): the API never parses form bodies
+        "twisted[tls]>=25.5",  # Site(parsePOSTFormSubmission=False); [tls]: an ssl: listener for HTTPS/WSS
         "klein>=24.8",
         "werkzeug>=2",  # Klein's router: the API maps its exceptions to JSON errors
         "prometheus_client>=0.20",
