@@ -33,7 +33,7 @@ from twisted.web.server import Site
 from twisted.web.static import Data
 
 from guest_agent.chromium import ChromiumBrowser
-from guest_agent.stack import find_stack
+from guest_agent.stack import BrowserStack, find_stack
 
 HOME_PAGE = b"<html><head><title>Bench home</title></head><body style='background:#0f0'>home</body></html>"
 COOKIES = [{"name": "task", "value": "t-7"}, {"name": "worker", "value": "w-42"}]
@@ -55,11 +55,11 @@ def pss_of(pids: set[int]) -> int:
 
 def stack_pids(browser: ChromiumBrowser) -> set[int]:
     pids: set[int] = set()
-    for process in (browser.xvnc, browser.pulse, browser.chromium):
-        if process is not None and process.pid is not None:
-            pids.add(process.pid)
-            with contextlib.suppress(psutil.Error):
-                pids.update(c.pid for c in psutil.Process(process.pid).children(recursive=True))
+    assert isinstance(browser.stack, BrowserStack)
+    for pid in browser.stack.pids():
+        pids.add(pid)
+        with contextlib.suppress(psutil.Error):
+            pids.update(c.pid for c in psutil.Process(pid).children(recursive=True))
     return pids
 
 
@@ -88,7 +88,8 @@ async def main(reactor: Any, options: argparse.Namespace) -> None:
     browsers: list[ChromiumBrowser] = []
 
     async def start() -> ChromiumBrowser:
-        browser = ChromiumBrowser(reactor, programs, vnc_host="127.0.0.1", vnc_port=free_port(), user=user)
+        stack = BrowserStack(reactor, programs, vnc_host="127.0.0.1", vnc_port=free_port(), user=user)
+        browser = ChromiumBrowser(reactor, stack)
         browser.startService()
         await browser.started
         browsers.append(browser)

@@ -20,6 +20,10 @@ when.  What it settles, with the reasons (measured in GUEST-STACK.md):
 Every child is started through ``setpriv --pdeathsig KILL`` when util-linux has it, so it dies
 with the agent even when the agent is killed with SIGKILL alone; they also stay in the agent's
 process group, which the local driver kills as a whole.
+
+:class:`BrowserStack` is these processes for one VM behind :class:`IBrowserStack`: the seam where
+:class:`~guest_agent.chromium.ChromiumBrowser` (which decides when to start, restart and give up)
+meets processes, so its decisions are tested against a fake stack and a fake CDP peer.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import contextlib
 import os
 import shutil
 import signal
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -39,8 +44,12 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
+
+from guest_agent.cdp import CdpConnection, connect, read_devtools_port
 
 log = Logger()
 
@@ -317,3 +326,328 @@ def tail(path: str, size: int = 300) -> str:
     except OSError:
         return ""
     return lines[-1][-200:] if lines else ""
+
+
+class IBrowserStack(Interface):
+    """The processes of one browser VM, as the browser's orchestration sees them."""
+
+    capabilities = Attribute("tuple of str for HELLO: ('cdp', 'vnc') and 'audio' when PulseAudio is there")
+    audio = Attribute("bool: PulseAudio runs, so the browser's sound reaches the capture")
+    screen = Attribute("(width, height) of the display: no window is larger")
+    vnc_address = Attribute("(host, port) where the VNC server listens, for PREPARE's answer")
+    on_ended = Attribute(
+        "callable(reason: str) -> None or None: a process of the stack ended while it should run"
+    )
+
+    async def start() -> CdpConnection:
+        """Start Chromium afresh from a wiped profile (ending the running one), and Xvnc or
+        PulseAudio first if they do not run; the browser-level CDP connection, open and quiet.
+        Raises :class:`StackError` saying why when it cannot."""
+
+    def healthy() -> bool:
+        """Every process that should run runs."""
+
+    async def stop() -> None:
+        """End every process and remove the run directory."""
+
+    def set_vnc_password(password: str | None) -> None:  # noqa: N805
+        """The VNC password from now on; None: nobody can log in."""
+
+    async def disconnect_viewers() -> None:
+        """Close every open VNC connection; failures are logged, never raised."""
+
+
+@implementer(IBrowserStack)
+class BrowserStack:
+    """Xvnc, PulseAudio and Chromium of one VM, as processes of the agent.
+
+    ``user`` is the (uid, gid) Chromium runs as (its sandbox refuses root); None runs it as the
+    agent's own user.  ``run_dir`` holds the VNC password file, the PulseAudio socket, the logs
+    and Chromium's profiles; a private temporary directory when None.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        programs: StackPrograms,
+        *,
+        vnc_host: str,
+        vnc_port: int = 5900,
+        screen: tuple[int, int] = (1280, 800),
+        user: tuple[int, int] | None = None,
+        run_dir: str | None = None,
+        environ: Mapping[str, str] | None = None,
+        start_timeout: float = 20.0,
+        chromium_flags: Sequence[str] = (),
+    ) -> None:
+        self._reactor = reactor
+        self.programs = programs
+        self.capabilities: tuple[str, ...] = programs.capabilities
+        self.screen = screen
+        self.vnc_address = (vnc_host, vnc_port)
+        self.on_ended: Callable[[str], None] | None = None
+        self._user = user
+        self._run_dir_wanted = run_dir
+        self.run_dir = ""
+        self._environ = dict(environ if environ is not None else base_environment())
+        self._start_timeout = start_timeout
+        self._chromium_flags = tuple(chromium_flags)
+        self.xvnc: ChildProcess | None = None
+        self.pulse: ChildProcess | None = None
+        self.chromium: ChildProcess | None = None
+        self.display: int | None = None
+        self._profiles = 0
+        self._profile: str | None = None
+        self._stopping = False
+
+    @property
+    def audio(self) -> bool:
+        return self.pulse is not None and self.pulse.running
+
+    def pids(self) -> list[int]:
+        """The pids of the stack's own processes (Chromium's children not included)."""
+        processes = (self.xvnc, self.pulse, self.chromium)
+        return [p.pid for p in processes if p is not None and p.pid is not None and p.running]
+
+    def healthy(self) -> bool:
+        return (
+            _running(self.xvnc)
+            and _running(self.chromium)
+            and (self.programs.pulseaudio is None or _running(self.pulse))
+        )
+
+    async def start(self) -> CdpConnection:
+        self._stopping = False
+        if not self.run_dir:
+            self.run_dir = self._run_dir_wanted or tempfile.mkdtemp(prefix="vmcloud-browser-")
+            os.makedirs(self.run_dir, exist_ok=True)
+            os.chmod(self.run_dir, 0o711)
+            self.set_vnc_password(None)
+        await end_process(self._reactor, self.chromium, grace=0.0)
+        if self._profile is not None:
+            shutil.rmtree(self._profile, ignore_errors=True)
+            self._profile = None
+        if not _running(self.xvnc):
+            await self._start_xvnc()
+        if self.programs.pulseaudio is not None and not _running(self.pulse):
+            await self._start_pulse()
+        return await self._start_chromium()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for process in (self.chromium, self.pulse, self.xvnc):
+            await end_process(self._reactor, process, grace=2.0)
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ VNC
+
+    def _password_file(self) -> str:
+        return os.path.join(self.run_dir, "vnc-passwd")
+
+    def set_vnc_password(self, password: str | None) -> None:
+        """Rotate (or, with None, revoke) the VNC password: Xvnc reads the file at each login."""
+        if self.run_dir:
+            write_private(self._password_file(), vnc_password_file(password))
+
+    async def disconnect_viewers(self) -> None:
+        """``vncconfig -disconnect``, so no viewer outlives its worker."""
+        if self.programs.vncconfig is None or self.display is None or not _running(self.xvnc):
+            return
+        d = getProcessOutputAndValue(
+            self.programs.vncconfig,
+            ["-display", f":{self.display}", "-disconnect"],
+            env=self._environ,
+            reactor=self._reactor,
+        )
+        d.addTimeout(5, self._reactor)
+        try:
+            _out, err, code = await d
+        except Exception as e:
+            log.warn("vncconfig -disconnect failed: {error}", error=str(e), event="vnc-disconnect-failed")
+            return
+        if code != 0:
+            log.warn(
+                "vncconfig -disconnect failed: {err}",
+                err=err.decode("utf-8", "replace")[-200:],
+                event="vnc-disconnect-failed",
+            )
+
+    # ------------------------------------------------------------------ processes
+
+    def _process_ended(self, process: ChildProcess, how: str) -> None:
+        if self._stopping or process not in (self.xvnc, self.chromium, self.pulse):
+            return
+        log.warn("{name} {how}", name=process.name, how=how, event="stack-process-ended")
+        if process is self.pulse:
+            self.pulse = None
+        if self.on_ended is not None:
+            self.on_ended(f"{process.name} {how}")
+
+    async def _start_xvnc(self) -> None:
+        shown: Deferred[int] = Deferred()
+        buffer = bytearray()
+
+        def fd3(data: bytes) -> None:
+            buffer.extend(data)
+            if b"\n" in buffer and not shown.called:
+                shown.callback(int(buffer.split(b"\n")[0]))
+
+        self.display = None
+        process = ChildProcess("Xvnc", on_fd3=fd3)
+        process.on_end = self._process_ended
+        log_path = os.path.join(self.run_dir, "xvnc.log")
+        host, port = self.vnc_address
+        argv = xvnc_argv(
+            self.programs,
+            width=self.screen[0],
+            height=self.screen[1],
+            host=host,
+            port=port,
+            password_file=self._password_file(),
+        )
+        self.xvnc = spawn(
+            self._reactor,
+            process,
+            guarded(self.programs, argv),
+            env=self._environ,
+            log_path=log_path,
+            fd3=True,
+        )
+
+        def ended(how: str) -> str:
+            if not shown.called:
+                shown.errback(StackError(f"Xvnc {how}: {tail(log_path)}"))
+            return how
+
+        process.ended.addCallback(ended)
+        shown.addTimeout(self._start_timeout, self._reactor)
+        self.display = await shown
+        log.info(
+            "Xvnc on display :{display}, VNC on {host}:{port}",
+            display=self.display,
+            host=host,
+            port=port,
+            event="xvnc-started",
+        )
+
+    async def _start_pulse(self) -> None:
+        runtime = os.path.join(self.run_dir, "pulse")
+        os.makedirs(runtime, exist_ok=True)
+        os.chmod(runtime, 0o711)
+        socket_path = os.path.join(runtime, "native")
+        if os.path.exists(socket_path):
+            os.unlink(socket_path)
+        env = dict(self._environ, HOME=runtime, XDG_RUNTIME_DIR=runtime, PULSE_RUNTIME_PATH=runtime)
+        process = ChildProcess("pulseaudio")
+        process.on_end = self._process_ended
+        self.pulse = spawn(
+            self._reactor,
+            process,
+            guarded(self.programs, pulseaudio_argv(self.programs, runtime)),
+            env=env,
+            log_path=os.path.join(self.run_dir, "pulseaudio.log"),
+        )
+        try:
+            await wait_until(
+                self._reactor,
+                lambda: os.path.exists(socket_path) or not process.running,
+                self._start_timeout,
+                "PulseAudio",
+            )
+        except StackError:
+            process.kill()
+            raise
+        if not process.running:
+            self.pulse = None
+            log.warn(
+                "PulseAudio did not start ({how}); the browser runs without sound",
+                how=process.how,
+                event="pulseaudio-failed",
+            )
+            return
+        os.chmod(socket_path, 0o777)  # the browser runs as another user
+
+    async def _start_chromium(self) -> CdpConnection:
+        if self.display is None:
+            raise StackError("no display")
+        self._profiles += 1
+        home = os.path.join(self.run_dir, f"chromium-{self._profiles}")
+        profile = os.path.join(home, "profile")
+        os.makedirs(profile, mode=0o700)
+        os.chmod(home, 0o700)
+        if self._user is not None:
+            for path in (home, profile):
+                os.chown(path, *self._user)
+        self._profile = home
+        env = dict(
+            self._environ,
+            DISPLAY=f":{self.display}",
+            HOME=home,
+            XDG_CONFIG_HOME=os.path.join(home, ".config"),
+            XDG_CACHE_HOME=os.path.join(home, ".cache"),
+        )
+        if self.pulse is not None:
+            env["PULSE_SERVER"] = "unix:" + os.path.join(self.run_dir, "pulse", "native")
+        argv = chromium_argv(
+            self.programs,
+            profile=profile,
+            width=self.screen[0],
+            height=self.screen[1],
+            extra=self._chromium_flags,
+        )
+        process = ChildProcess("chromium")
+        process.on_end = self._process_ended
+        log_path = os.path.join(self.run_dir, "chromium.log")
+        self.chromium = spawn(
+            self._reactor, process, guarded(self.programs, argv, self._user), env=env, log_path=log_path
+        )
+        port_file = os.path.join(profile, "DevToolsActivePort")
+
+        def port_known() -> bool:
+            if not process.running:
+                raise StackError(f"Chromium {process.how}: {tail(log_path)}")
+            content = read_text(port_file)
+            return content is not None and content.count("\n") >= 1 and "/devtools/browser/" in content
+
+        try:
+            await wait_until(self._reactor, port_known, self._start_timeout, "Chromium's DevTools port", 0.02)
+            cdp = await connect(self._reactor, read_devtools_port(read_text(port_file) or ""), timeout=10.0)
+        except BaseException:
+            await end_process(self._reactor, process, grace=0.0)
+            raise
+        log.info(
+            "Chromium up (pid {pid}) on display :{display}",
+            pid=process.pid,
+            display=self.display,
+            event="chromium-started",
+        )
+        return cdp
+
+
+def _running(process: ChildProcess | None) -> bool:
+    return process is not None and process.running
+
+
+async def end_process(reactor: Any, process: ChildProcess | None, grace: float) -> None:
+    """End a process: SIGTERM and ``grace`` seconds, then SIGKILL; returns once it is reaped."""
+    if process is None or not process.running:
+        return
+    if grace > 0:
+        process.kill(signal.SIGTERM)
+        deadline = reactor.seconds() + grace
+        while process.running and reactor.seconds() < deadline:
+            await deferLater(reactor, 0.05)
+    process.kill(signal.SIGKILL)
+    deadline = reactor.seconds() + 5.0
+    while process.running and reactor.seconds() < deadline:
+        await deferLater(reactor, 0.02)
+    if process.running:
+        log.warn("{name} (pid {pid}) did not end after SIGKILL", name=process.name, pid=process.pid)
+
+
+def base_environment() -> dict[str, str]:
+    """What the stack's processes get of the agent's environment: the basics, nothing secret."""
+    env = {name: os.environ[name] for name in ("PATH", "LANG", "LC_ALL", "TZ") if name in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    return env

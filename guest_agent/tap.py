@@ -162,6 +162,7 @@ def make_browser(reactor: Any, config: GuestConfig, ip: str | None) -> IBrowser:
         )
         return NoBrowser(reactor)
     from guest_agent.chromium import ChromiumBrowser
+    from guest_agent.stack import BrowserStack
 
     host = ip or "127.0.0.1"
     port = config.vnc_port
@@ -174,7 +175,8 @@ def make_browser(reactor: Any, config: GuestConfig, ip: str | None) -> IBrowser:
         except KeyError:
             raise SystemExit(f"vmcloud-guest: browser_user {config.browser_user!r} does not exist") from None
         user = (entry.pw_uid, entry.pw_gid)
-    return ChromiumBrowser(reactor, programs, vnc_host=host, vnc_port=port, user=user)
+    stack = BrowserStack(reactor, programs, vnc_host=host, vnc_port=port, user=user)
+    return ChromiumBrowser(reactor, stack)
 
 
 def _free_port(host: str) -> int:
