@@ -42,6 +42,7 @@ import time
 from typing import Any, ClassVar
 
 import attrs
+import pytest
 import stomp
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -52,6 +53,9 @@ from vmcloud.words.destinations import BROADCAST, CONTROLLER, IDENTITY_RE, LOGIN
 
 #: Examples per test when set (a long, random run); unset: the few, fixed examples CI runs.
 LONG_RUN = int(os.environ.get("VMCLOUD_FUZZ_EXAMPLES", "0") or 0)
+
+if LONG_RUN:  # the suite's per-test timeout (pyproject.toml) is for the default run
+    pytestmark = pytest.mark.timeout(0)
 
 CONTROLLER_LOGIN = ("controller", "controller-secret")
 OPERATOR_LOGIN = ("alice", "alice-secret")
