@@ -58,6 +58,42 @@ class TargetTests(SynchronousTestCase):
         assert (audio.port, audio.password) == (AUDIO_PORT, "pw")
         assert targets.console_of_vm(vmid).key == vm_key(vmid)
 
+    def test_the_ports_come_from_the_prepare_answer_and_the_address_from_the_cloud(self) -> None:
+        """A guest names its servers' ports (a local VM on the host's loopback has its own), never
+        the host: the controller dials the address the cloud reports, whatever the guest says."""
+        w = World()
+        w.pool.set_pool_size(1, 1, 60_000)
+        w.settle()
+        batch = w.pool.prepare_batch(1, HOME, BatchOptions(audio=True))
+        w.turn()
+        answer = {
+            "vnc": {"host": "127.0.0.1", "port": 15900},
+            "audioServer": {"host": "8.8.8.8", "port": 15901},
+        }
+        w.channel.answer_calls("PREPARE", answer)
+        w.settle()
+        token = w.pool.lock(batch)
+        w.settle()
+        vmid = w.pool.state.handles[token].vmid
+        assert vmid is not None
+        vm = w.pool.state.vms[vmid]
+        # the cloud lists the VM at 10.9.0.8; a hostile guest says 127.0.0.1 in its HELLO
+        hostile = attrs.evolve(vm, ips=("10.9.0.8",), ip="127.0.0.1", capabilities=("cdp", "vnc", "audio"))
+        w.pool.state.put(hostile)
+        targets = PoolTargets(w.pool)
+        assert (targets.console(token).host, targets.console(token).port) == ("10.9.0.8", 15900)
+        assert (targets.audio(token).host, targets.audio(token).port) == ("10.9.0.8", 15901)
+        w.pool.release(token)
+        w.settle()
+        assert (w.pool.state.vms[vmid].vnc_port, w.pool.state.vms[vmid].audio_port) == (None, None)
+
+    def test_ports_that_are_not_ports_are_ignored(self) -> None:
+        from vmcloud.pool.state import _server_port
+
+        for server in ({"port": 0}, {"port": 70000}, {"port": "5900"}, {"port": True}, [5900], None):
+            assert _server_port(server) is None, server
+        assert _server_port({"port": 5999}) == 5999
+
     def test_refusals(self) -> None:
         w, token, vmid, _ = locked(audio=False)
         targets = PoolTargets(w.pool)

@@ -125,6 +125,13 @@ class FileFormatTests(SynchronousTestCase):
         self.assertTrue(old.vms["e1f2a3-3"].recovering)  # the recovery rules did run
         self.assertEqual([e.data.get("n") for e in old.handles["tok-busy"].events], [2, 3, 4, 5])
 
+    def test_a_sessions_server_ports_survive_a_restart(self) -> None:
+        state = sample_state()
+        ready = state.vms[state.vmid_for(2)]
+        state.put(attrs.evolve(ready, vnc_port=15900, audio_port=15901))
+        back = restore(decode_checkpoint(file_of(state))[1], NOW + 10, CONFIG)
+        self.assertEqual((back.vms[ready.vmid].vnc_port, back.vms[ready.vmid].audio_port), (15900, 15901))
+
     def test_records_are_json_objects_with_the_layout_of_their_kind(self) -> None:
         state = sample_state()
         data = SnapshotWriter().snapshot(state)

@@ -5,8 +5,11 @@ so the handle is the only key a worker's browser ever has.  :class:`PoolTargets`
 over the pool's live state; tests give the proxies plain functions instead.
 
 A VM's VNC server listens on its own address, port 5900, and its audio capture server on port
-5901 (SPEC "The browser VM and the worker's view"); the address is what the guest said in HELLO,
-else the first one the cloud reports.  No route to the VM is ever handed to the worker.
+5901 (SPEC "The browser VM and the worker's view"), unless its PREPARE answer named other ports
+(a local VM without a network namespace shares the host's loopback).  The address is the one the
+cloud reports for the VM (the one the guest said, if the cloud reports several), and what the
+guest said only when the cloud reports none: a guest cannot point a worker at another host.  No
+route to the VM is ever handed to the worker.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ class PoolTargets:
         """The VNC server of the VM a handle holds."""
         vm = self._vm_of(token)
         _needs(vm, "vnc", "a VNC server")
-        return Target(handle_key(token), _address(vm), self._vnc_port, vm.vmid)
+        return Target(handle_key(token), _address(vm), vm.vnc_port or self._vnc_port, vm.vmid)
 
     def console_of_vm(self, vmid: str) -> Target:
         """The VNC server of any live VM (the operator's route)."""
@@ -83,7 +86,7 @@ class PoolTargets:
         if vm is None or not vm.alive:
             raise ApiError(404, "unknown-vm", f"no live VM {vmid!r}")
         _needs(vm, "vnc", "a VNC server")
-        return Target(vm_key(vmid), _address(vm), self._vnc_port, vm.vmid)
+        return Target(vm_key(vmid), _address(vm), vm.vnc_port or self._vnc_port, vm.vmid)
 
     def audio(self, token: str) -> Target:
         """The audio capture server of the VM a handle holds, for batches that asked for audio."""
@@ -96,7 +99,8 @@ class PoolTargets:
             raise ApiError(404, "no-audio", "this handle's batch did not ask for audio")
         vm = self._vm_of(token)
         _needs(vm, "audio", "audio capture")
-        return Target(handle_key(token), _address(vm), self._audio_port, vm.vmid, vm.vnc_password)
+        port = vm.audio_port or self._audio_port
+        return Target(handle_key(token), _address(vm), port, vm.vmid, vm.vnc_password)
 
     def _vm_of(self, token: str) -> VM:
         state = self._pool.state
@@ -125,7 +129,10 @@ def _needs(vm: VM, capability: str, what: str) -> None:
 
 
 def _address(vm: VM) -> str:
-    address = vm.ip or (vm.ips[0] if vm.ips else None)
+    if vm.ips:
+        address: str | None = vm.ip if vm.ip in vm.ips else vm.ips[0]
+    else:
+        address = vm.ip
     if not address:
         raise ApiError(503, "no-address", f"VM {vm.vmid} has no known address yet")
     return address

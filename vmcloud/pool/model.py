@@ -85,6 +85,10 @@ class VM:
     handle: str | None = None
     last_used: float = 0.0
     vnc_password: str | None = None
+    # the ports the guest's VNC and audio servers listen on this session (None: the defaults, 5900
+    # and 5901); the address is the one the controller knows for the VM, never one the guest names
+    vnc_port: int | None = None
+    audio_port: int | None = None
     capabilities: tuple[str, ...] = ()
     recovering: bool = False
     reason: str | None = None
@@ -277,8 +281,18 @@ def prepare_started(vm: VM, batch: str, now: float) -> VM:
     return transition(vm, VMState.WAIT, now, batch=batch, handle=None, reason="prepare")
 
 
-def prepared(vm: VM, vnc_password: str | None, now: float) -> VM:
-    return transition(vm, VMState.READY, now, vnc_password=vnc_password, reason=None)
+def prepared(
+    vm: VM, vnc_password: str | None, now: float, vnc_port: int | None = None, audio_port: int | None = None
+) -> VM:
+    return transition(
+        vm,
+        VMState.READY,
+        now,
+        vnc_password=vnc_password,
+        vnc_port=vnc_port,
+        audio_port=audio_port,
+        reason=None,
+    )
 
 
 def cleanup_started(vm: VM, now: float) -> VM:
@@ -287,7 +301,9 @@ def cleanup_started(vm: VM, now: float) -> VM:
 
 
 def cleaned(vm: VM, now: float) -> VM:
-    return transition(vm, VMState.FREE, now, last_used=now, vnc_password=None, reason=None)
+    return transition(
+        vm, VMState.FREE, now, last_used=now, vnc_password=None, vnc_port=None, audio_port=None, reason=None
+    )
 
 
 def occupied(vm: VM, handle: str, now: float) -> VM:

@@ -155,6 +155,9 @@ def vm_json(vm: VM) -> dict[str, Any]:
         "capabilities": list(vm.capabilities),
         "recovering": vm.recovering,
         "reason": vm.reason,
+        # written only when set, so that files without them stay what they were
+        **({"vncPort": vm.vnc_port} if vm.vnc_port is not None else {}),
+        **({"audioPort": vm.audio_port} if vm.audio_port is not None else {}),
     }
 
 
@@ -436,6 +439,8 @@ def read_vm(data: Mapping[str, Any]) -> VM:
         capabilities=_strs(data, "capabilities", what),
         recovering=_get(data, "recovering", bool, what),
         reason=_opt(data, "reason", str, what),
+        vnc_port=_opt(data, "vncPort", int, what),
+        audio_port=_opt(data, "audioPort", int, what),
     )
 
 

@@ -406,7 +406,15 @@ class PoolState:
         if vm is None or not vm.preparing:
             return False
         password = answer.get("vncPassword", answer.get("vnc_password"))
-        self.put(model.prepared(vm, password if isinstance(password, str) else None, now))
+        self.put(
+            model.prepared(
+                vm,
+                password if isinstance(password, str) else None,
+                now,
+                vnc_port=_server_port(answer.get("vnc")),
+                audio_port=_server_port(answer.get("audioServer")),
+            )
+        )
         return True
 
     def cleanup_done(self, vmid: str, version: int, now: float) -> bool:
@@ -588,6 +596,18 @@ class PoolState:
 
     def stray_deleted(self, server_id: str) -> None:
         self.strays.pop(server_id, None)
+
+
+def _server_port(server: object) -> int | None:
+    """The port of a ``{"host", "port"}`` a guest's PREPARE answer gives for one of its servers.
+
+    Only the port is taken: the controller dials the address it knows for the VM, so a guest
+    cannot point a worker's console at another host (or at the controller's own loopback).
+    """
+    port = server.get("port") if isinstance(server, Mapping) else None
+    if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+        return port
+    return None
 
 
 def _same(value: str | None, *known: str | None) -> str | None:
