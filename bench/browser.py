@@ -3,13 +3,15 @@
 Prints figures, asserts nothing.  Run from the repository root (as root: Chromium then runs as
 ``nobody`` with its sandbox on, as in a VM)::
 
-    .venv/bin/python bench/browser.py [--rounds 30] [--vms 3] [--capacity 12]
+    .venv/bin/python bench/browser.py [--rounds 30] [--idle 1] [--vms 3] [--capacity 12]
 
 Drives :class:`guest_agent.chromium.ChromiumBrowser` directly, several at once on the host's
 loopback (one display, VNC port and profile each), with a home page served locally:
 
-* FREE→READY: ``prepare`` (fresh browser context, two cookies, window, home page loaded) p50/p99
-  over ``--rounds``, each followed by a ``cleanup`` (context disposed, proven clean): CLEANUP p50;
+* FREE→READY: ``prepare`` (two cookies into the spare window's fresh context, home page loaded)
+  p50/p99 over ``--rounds``, each after ``--idle`` seconds FREE and followed by a ``cleanup``
+  (contexts disposed, proven clean): CLEANUP p50.  Then the same with PREPARE sent the moment
+  CLEANUP answered (it waits for the spare window being opened);
 * PSS per idle VM: ``--vms`` stacks started and idle, the PSS (``/proc/PID/smaps_rollup``) of
   every process of each stack (Xvnc, PulseAudio, Chromium and all its children) summed, per VM;
   summed RSS would count Chromium's shared pages many times;
@@ -106,17 +108,27 @@ async def main(reactor: Any, options: argparse.Namespace) -> None:
         print(f"stack start (Xvnc, PulseAudio, Chromium, CDP): {time.perf_counter() - began:.2f} s")
         prepares, cleanups = [], []
         for _ in range(options.rounds):
+            await task.deferLater(reactor, options.idle, lambda: None)  # FREE a while: the spare is made
             prepares.append(await prepare(first))
             await task.deferLater(reactor, 0.2, lambda: None)
             began = time.perf_counter()
             await first.cleanup()
             cleanups.append(time.perf_counter() - began)
         print(
-            f"FREE->READY over {options.rounds} rounds: p50 {statistics.median(prepares) * 1000:.0f} ms,"
-            f" p99 {pct(prepares, 99) * 1000:.0f} ms (first {prepares[0] * 1000:.0f} ms)"
+            f"FREE->READY over {options.rounds} rounds ({options.idle:g} s FREE before each):"
+            f" p50 {statistics.median(prepares) * 1000:.0f} ms, p99 {pct(prepares, 99) * 1000:.0f} ms"
         )
         p50, p99 = statistics.median(cleanups) * 1000, pct(cleanups, 99) * 1000
         print(f"CLEANUP: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+        at_once = []
+        for _ in range(options.rounds):
+            at_once.append(await prepare(first))
+            await task.deferLater(reactor, 0.2, lambda: None)
+            await first.cleanup()  # and PREPARE at once: it waits for the spare being made
+        print(
+            f"PREPARE right after CLEANUP over {options.rounds} rounds:"
+            f" p50 {statistics.median(at_once) * 1000:.0f} ms, p99 {pct(at_once, 99) * 1000:.0f} ms"
+        )
 
         while len(browsers) < options.vms:
             await start()
@@ -151,6 +163,7 @@ async def main(reactor: Any, options: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--idle", type=float, default=1.0, help="seconds a VM stays FREE before its PREPARE")
     parser.add_argument("--vms", type=int, default=3)
     parser.add_argument("--capacity", type=int, default=12)
     args = parser.parse_args()
