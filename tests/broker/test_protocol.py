@@ -288,6 +288,22 @@ class ErrorTests(SynchronousTestCase):
         self.client.write(b"SEND\ndestination:/topic/t\\t\n\n\x00")
         self.assertIn("escape", self.client.error().headers["message"])
 
+    def test_overlong_line_is_refused_as_soon_as_it_is_one(self) -> None:
+        """A line one byte over the limit, not ending in the CR of a CRLF, can never come right:
+        refused at once, not when a further byte comes (the attack suite found the wait)."""
+        limit = Limits().max_header_line
+        for head in (b"", b"SEND\n"):
+            client = Client(self.broker)
+            client.connect()
+            client.write(head + b"S" * (limit + 1))
+            self.assertIn("header line longer", client.error().headers["message"])
+        client = Client(self.broker)
+        client.connect()
+        client.write(b"SEND\ndestination:/topic/t\nx:" + b"v" * (limit - 2) + b"\r")  # may yet be a CRLF
+        self.assertFalse(client.closing)
+        client.write(b"\n\n\x00")  # it was: a header of exactly the limit
+        self.assertFalse(client.closing)
+
     def test_oversize_frame(self) -> None:
         self.client.send_frame("SEND", {"destination": "/topic/t"}, b"x" * 101)
         self.assertIn("larger than 100", self.client.error().headers["message"])

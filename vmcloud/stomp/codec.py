@@ -373,7 +373,9 @@ class Decoder:
         limit = self.limits.max_header_line
         lf = buf.find(b"\n", pos, pos + limit + 2)
         if lf < 0:
-            if len(buf) - pos > limit + 1:
+            waiting = len(buf) - pos
+            # limit + 1 bytes are a line within the limit only if the last is the CR of a CRLF
+            if waiting > limit + 1 or (waiting == limit + 1 and buf[-1] != 0x0D):
                 raise ProtocolError(f"header line longer than {limit} bytes")
             if buf.find(b"\x00", pos) >= 0:
                 raise ProtocolError("NUL inside a header line")
