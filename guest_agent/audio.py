@@ -22,17 +22,25 @@ from __future__ import annotations
 import contextlib
 import hmac
 import os
+import shutil
 import signal
+import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from guest_agent.browser import BrokenCallback, IBrowser, PageLoadCallback
 
 log = Logger()
 
@@ -72,6 +80,8 @@ class _Encoder(ProcessProtocol):
         self.name = name
         self.errors = b""
         self.finished = False
+        self.dropped = False  # CLEANUP: the connection goes too, not only the response
+        self.channel = request.channel  # a finished request forgets its connection
 
     def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
         self.request.registerProducer(self, True)  # a slow reader pauses ffmpeg's pipe
@@ -113,6 +123,8 @@ class _Encoder(ProcessProtocol):
             self.finished = True
             self.request.unregisterProducer()
             self.request.finish()
+        if self.dropped and self.channel is not None:
+            self.channel.loseConnection()
 
 
 class AudioServer(Resource):
@@ -120,7 +132,8 @@ class AudioServer(Resource):
 
     ``password`` returns the current session's password (None between sessions: nothing is
     served); ``source`` is ffmpeg's input (the PulseAudio monitor; a test gives ``-f lavfi``);
-    ``environ`` is the encoder's environment (``PULSE_SERVER=unix:<runtime>/native``).
+    ``environ`` is the encoder's environment (``PULSE_SERVER=unix:<runtime>/native``), or a
+    callable asked at each request (the VM's PulseAudio socket is known once the stack started).
     """
 
     isLeaf = True
@@ -132,7 +145,7 @@ class AudioServer(Resource):
         *,
         password: Callable[[], str | None],
         source: Sequence[str] = PULSE_SOURCE,
-        environ: Mapping[str, str] | None = None,
+        environ: Mapping[str, str] | Callable[[], Mapping[str, str]] | None = None,
         max_streams: int = MAX_STREAMS,
     ) -> None:
         super().__init__()
@@ -140,7 +153,7 @@ class AudioServer(Resource):
         self._ffmpeg = ffmpeg
         self._password = password
         self._source = tuple(source)
-        self._environ = dict(os.environ if environ is None else environ)
+        self._environ = environ if callable(environ) else dict(os.environ if environ is None else environ)
         self._max_streams = max_streams
         self.streams: dict[_Encoder, None] = {}
 
@@ -161,8 +174,9 @@ class AudioServer(Resource):
         request.setHeader(b"Cache-Control", b"no-store")
         encoder = _Encoder(self, request, name.decode("ascii"))
         argv = encoder_argv(self._ffmpeg, name, self._source)
+        environ = self._environ() if callable(self._environ) else self._environ
         self._reactor.spawnProcess(
-            encoder, argv[0], argv, env=self._environ, childFDs={0: "w", 1: "r", 2: "r"}
+            encoder, argv[0], argv, env=dict(environ), childFDs={0: "w", 1: "r", 2: "r"}
         )
         self.streams[encoder] = None
         request.notifyFinish().addBoth(lambda _: self._gone(encoder))
@@ -174,8 +188,10 @@ class AudioServer(Resource):
         encoder.stop()
 
     def close_all(self) -> None:
-        """End every stream (CLEANUP: the next worker's sound must not reach the last one's listeners)."""
+        """End every stream and drop its connection (CLEANUP: the next worker's sound must not
+        reach the last one's listeners, not even on a kept-alive connection)."""
         for encoder in list(self.streams):
+            encoder.dropped = True
             encoder.stop()
 
 
@@ -183,3 +199,165 @@ def _answer(request: IRequest, status: int, message: bytes) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
     return message
+
+
+def find_encoder(
+    which: Callable[[str], str | None] = shutil.which,
+    run: Callable[..., subprocess.CompletedProcess[bytes]] = subprocess.run,
+) -> tuple[str | None, str]:
+    """ffmpeg if it can do the capture (the ``pulse`` input and the ``libopus`` encoder), else None;
+    and why not.  Asked once, by the composition root: HELLO's ``audio`` must be true."""
+    ffmpeg = which("ffmpeg")
+    if ffmpeg is None:
+        return None, "ffmpeg is not installed"
+    try:
+        demuxers = run([ffmpeg, "-hide_banner", "-demuxers"], capture_output=True, timeout=20).stdout
+        encoders = run([ffmpeg, "-hide_banner", "-encoders"], capture_output=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"{ffmpeg} does not run: {e}"
+    if not any(line.split()[1:2] == [b"pulse"] for line in demuxers.splitlines()):
+        return None, f"{ffmpeg} has no PulseAudio input"
+    if not any(line.split()[1:2] == [b"libopus"] for line in encoders.splitlines()):
+        return None, f"{ffmpeg} has no libopus encoder"
+    return ffmpeg, ""
+
+
+@implementer(IBrowser)
+class AudibleBrowser(MultiService):
+    """The VM's browser with its sound served to the controller (:class:`AudioServer`).
+
+    ``browser`` does the browsing (a service of this one when it is a service).  ``ffmpeg`` None
+    means no capture is possible: HELLO loses ``audio`` and PREPARE answers ``"audio": false``.
+    ``endpoint`` is where the capture server listens (the VM's address, port 5901), ``host`` the
+    address PREPARE's answer names (the controller takes only the port of it).  ``environ`` and
+    ``source`` are the encoder's, as :class:`AudioServer`'s.
+    """
+
+    name = "browser"
+
+    def __init__(
+        self,
+        browser: IBrowser,
+        reactor: Any,
+        *,
+        ffmpeg: str | None,
+        endpoint: IStreamServerEndpoint,
+        host: str,
+        environ: Mapping[str, str] | Callable[[], Mapping[str, str]] | None = None,
+        source: Sequence[str] = PULSE_SOURCE,
+    ) -> None:
+        super().__init__()
+        self.browser = browser
+        self._host = host
+        self._endpoint = endpoint
+        self._session_password: str | None = None
+        self.server = (
+            AudioServer(
+                reactor, ffmpeg, password=lambda: self._session_password, source=source, environ=environ
+            )
+            if ffmpeg is not None
+            else None
+        )
+        self.port: IListeningPort | None = None
+        inner = tuple(browser.capabilities)
+        self.capabilities: tuple[str, ...] = (
+            inner if self.server is not None else tuple(c for c in inner if c != "audio")
+        )
+        if IService.providedBy(browser):
+            IService(browser).setServiceParent(self)
+
+    # the agent sets these on the browser it was given: they belong to the browser inside
+    @property
+    def on_page_load(self) -> PageLoadCallback | None:
+        callback: PageLoadCallback | None = self.browser.on_page_load
+        return callback
+
+    @on_page_load.setter
+    def on_page_load(self, callback: PageLoadCallback | None) -> None:
+        self.browser.on_page_load = callback
+
+    @property
+    def on_broken(self) -> BrokenCallback | None:
+        callback: BrokenCallback | None = self.browser.on_broken
+        return callback
+
+    @on_broken.setter
+    def on_broken(self, callback: BrokenCallback | None) -> None:
+        self.browser.on_broken = callback
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        super().startService()
+        if self.server is None or "audio" not in self.capabilities:
+            return
+        d: Deferred[IListeningPort] = self._endpoint.listen(Site(self.server))
+
+        def listening(port: IListeningPort) -> None:
+            self.port = port
+            log.info(
+                "Audio capture server on {host}:{port}",
+                host=self._host,
+                port=_port_of(port),
+                event="audio-server-listening",
+            )
+
+        def failed(failure: Failure) -> None:
+            log.error(
+                "The audio capture server cannot listen: {error}; sessions get no sound",
+                error=failure.getErrorMessage(),
+                event="audio-server-failed",
+            )
+
+        d.addCallbacks(listening, failed)
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted's name
+        self._revoke()
+        port, self.port = self.port, None
+        stopped: Deferred[None] = Deferred.fromCoroutine(self._stop_all(port))
+        return stopped
+
+    async def _stop_all(self, port: IListeningPort | None) -> None:
+        if port is not None:
+            await _stop_listening(port)
+        await super().stopService()
+
+    def _revoke(self) -> None:
+        """No session from now on: nothing is served, every stream and its connection dropped."""
+        self._session_password = None
+        if self.server is not None:
+            self.server.close_all()
+
+    async def prepare(
+        self,
+        homepage: str,
+        cookies: Sequence[Mapping[str, Any]],
+        window: tuple[int, int] | Mapping[str, Any],
+        audio: bool,
+        *,
+        vnc_password: str | None = None,
+    ) -> dict[str, Any]:
+        self._revoke()  # a replaced session's listeners must not hear the next one
+        answer: dict[str, Any] = dict(
+            await self.browser.prepare(homepage, cookies, window, audio, vnc_password=vnc_password)
+        )
+        if answer.get("audio") and self.port is not None and vnc_password:
+            self._session_password = vnc_password
+            answer["audioServer"] = {"host": self._host, "port": _port_of(self.port)}
+        else:
+            answer["audio"] = False
+        return answer
+
+    async def cleanup(self) -> dict[str, Any]:
+        self._revoke()  # before the browser is cleaned: the VM is FREE only after both
+        answer: dict[str, Any] = await self.browser.cleanup()
+        return answer
+
+
+def _port_of(port: IListeningPort) -> int:
+    number: int = port.getHost().port  # type: ignore[attr-defined]
+    return number
+
+
+async def _stop_listening(port: IListeningPort) -> None:
+    stopped = port.stopListening()
+    if stopped is not None:
+        await stopped

@@ -480,6 +480,12 @@ class BrowserStack:
                 event="vnc-disconnect-failed",
             )
 
+    # ------------------------------------------------------------------ sound
+
+    def pulse_environ(self) -> dict[str, str]:
+        """The environment of a client of the VM's PulseAudio: the audio capture's encoder."""
+        return dict(self._environ, PULSE_SERVER="unix:" + os.path.join(self.run_dir, "pulse", "native"))
+
     # ------------------------------------------------------------------ processes
 
     def _process_ended(self, process: ChildProcess, how: str) -> None:

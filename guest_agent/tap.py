@@ -33,7 +33,7 @@ from guest_agent.commands import CommandRunner
 from guest_agent.config import GuestConfig, GuestConfigError, parse_guest_config, resolve_guest_config
 from guest_agent.files import FileStore
 from guest_agent.identity import NO_MAC, discover
-from guest_agent.stack import find_stack
+from guest_agent.stack import BrowserStack, find_stack
 from vmcloud.service import SequentialMultiService
 from vmcloud.stomp.client import ReconnectingSession
 from vmcloud.words.files import MAX_FILE_BYTES
@@ -162,7 +162,6 @@ def make_browser(reactor: Any, config: GuestConfig, ip: str | None) -> IBrowser:
         )
         return NoBrowser(reactor)
     from guest_agent.chromium import ChromiumBrowser
-    from guest_agent.stack import BrowserStack
 
     host = ip or "127.0.0.1"
     port = config.vnc_port
@@ -176,7 +175,32 @@ def make_browser(reactor: Any, config: GuestConfig, ip: str | None) -> IBrowser:
             raise SystemExit(f"vmcloud-guest: browser_user {config.browser_user!r} does not exist") from None
         user = (entry.pw_uid, entry.pw_gid)
     stack = BrowserStack(reactor, programs, vnc_host=host, vnc_port=port, user=user)
-    return ChromiumBrowser(reactor, stack)
+    return with_sound(reactor, ChromiumBrowser(reactor, stack), stack, host)
+
+
+def with_sound(reactor: Any, browser: IBrowser, stack: BrowserStack, host: str) -> IBrowser:
+    """The browser with the VM's audio capture server beside it, on the VM's address, port 5901 (a
+    free port on the host's shared loopback, as the VNC server's); no capture without a usable ffmpeg."""
+    from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+
+    from guest_agent.audio import AUDIO_PORT, AudibleBrowser, find_encoder
+
+    ffmpeg, why = (None, "") if "audio" not in browser.capabilities else find_encoder()
+    if why:
+        log.warn(
+            "No sound for workers: {why} (scripts/install.sh installs ffmpeg)", why=why, event="audio-none"
+        )
+    address = ipaddress.ip_address(host)
+    port = _free_port(host) if address.is_loopback else AUDIO_PORT
+    endpoint_type = TCP6ServerEndpoint if address.version == 6 else TCP4ServerEndpoint
+    return AudibleBrowser(
+        browser,
+        reactor,
+        ffmpeg=ffmpeg,
+        endpoint=endpoint_type(reactor, port, interface=host),
+        host=host,
+        environ=stack.pulse_environ,
+    )
 
 
 def _free_port(host: str) -> int:
