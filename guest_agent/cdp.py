@@ -116,7 +116,9 @@ class CdpConnection:
         return await self.send(method, params, session_id, timeout=timeout)
 
     def message_received(self, text: str | bytes) -> None:
-        """One message from the browser; a malformed one is logged and dropped."""
+        """One message from the browser; a malformed one is logged and dropped, so is any once closed."""
+        if self.closed is not None:
+            return  # the WebSocket's closing handshake may still bring messages: nobody awaits them
         try:
             message = json.loads(text)
         except ValueError:

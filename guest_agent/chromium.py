@@ -736,6 +736,8 @@ class ChromiumBrowser(Service):
 
     def _flush(self) -> None:
         self._cancel_flush()
+        if self._stopping:
+            return
         for event in self._events.due(self._reactor.seconds()):
             if is_internal(event.url):
                 continue

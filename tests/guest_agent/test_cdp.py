@@ -112,3 +112,11 @@ class DevToolsActivePortTests(SynchronousTestCase):
     def test_a_half_written_file_is_not_ready(self) -> None:
         for content in ("", "41234", "41234\n", "x\n/devtools/browser/a"):
             self.assertRaises(ValueError, read_devtools_port, content)
+
+
+class ClosedConnectionTests(SynchronousTestCase):
+    def test_messages_after_close_are_dropped(self) -> None:
+        peer = FakePeer()
+        peer.cdp.close()
+        peer.cdp.message_received('{"method": "Page.loadEventFired", "params": {}}')
+        self.assertEqual(peer.events, [])

@@ -269,3 +269,48 @@ def test_chromium_killed_while_ready_is_repaired(daemon: Daemon, site: str) -> N
     daemon.ok("POST", f"/release/{handle}", 204)
     daemon.ok("POST", f"/cancel-batch/{batch}", 204)
     daemon.assert_no_orphans(daemon.status())
+
+
+def test_a_browser_beyond_repair_ends_its_occupied_vm_which_is_replaced(daemon: Daemon, site: str) -> None:
+    """Chromium killed again and again (more than 3 restarts in 120 s): the agent gives up and says
+    BYE; the controller tells the handle ``vm-died``, forgets the VM and boots a replacement."""
+    batch = daemon.prepare_batch(1, quote(f"{site}/index.html", safe=""))
+    handle, status = lock_ready(daemon, batch)
+    vmid = status["vmid"]
+    killed: set[int] = set()
+
+    def died() -> bool:
+        return any(e["action"] == "vm-died" for e in page_events(daemon, handle))
+
+    def to_kill() -> list[int | str] | None:
+        if died():
+            return ["died"]
+        if all(v["vmid"] != vmid for v in daemon.status()["vms"]):
+            return None
+        return [p for p in browser_pids(daemon, daemon.vm_of(vmid)) if p not in killed] or None
+
+    for _ in range(8):  # earlier tests' restarts may still count within the 120 s window
+        found = daemon.wait_for(to_kill, "a Chromium to kill, or vm-died", 30)
+        if found == ["died"]:
+            break
+        for pid in found:
+            assert isinstance(pid, int)
+            killed.add(pid)
+            os.kill(pid, signal.SIGKILL)
+    daemon.wait_for(died, "vm-died on the handle", 30)
+    [event] = [e for e in page_events(daemon, handle) if e["action"] == "vm-died"]
+    assert event["vmid"] == vmid
+    assert not daemon.handle_status(handle)["assigned"]
+    status = daemon.wait_pool(
+        lambda s: (
+            s
+            if all(v["vmid"] != vmid for v in s["vms"])
+            and any(v["state"] in ("FREE", "READY") for v in s["vms"])
+            else None
+        ),
+        "a replacement VM",
+        90,
+    )
+    daemon.ok("POST", f"/release/{handle}", 204)
+    daemon.ok("POST", f"/cancel-batch/{batch}", 204)
+    daemon.assert_no_orphans(daemon.status())
