@@ -231,7 +231,9 @@ class StompServerProtocol(Protocol):
         """Whether this connection came from this very host (the anonymous-guest rule)."""
         transport = self.transport
         try:
-            return transport is not None and is_loopback(transport.getHost()) and is_loopback(transport.getPeer())
+            if transport is None:
+                return False
+            return is_loopback(transport.getHost()) and is_loopback(transport.getPeer())
         except Exception:
             return False
 
