@@ -191,6 +191,8 @@ class ChromiumBrowser(Service):
                 await self._recover(f"the browser stack did not start: {e}")
         if not self.started.called:
             self.started.callback(None)
+        if self._stopping:
+            return  # stopped while starting: no health checks on what is gone
         self._health = LoopingCall(self._check_health)
         self._health.clock = self._reactor
         self._health.start(self._health_interval, now=False).addErrback(self._log_failure, "the health check")

@@ -39,7 +39,11 @@ command_timeout     300                         seconds, when CMD_RUN gives no t
 max_commands        8                           commands running at once
 browser             auto                        ``auto``: Chromium on Xvnc where installed, else
                                                 none; ``none``: no browser (``no-browser``)
-browser_user        nobody                      who Chromium runs as when the agent is root
+browser_user        per-vm                      who Chromium runs as when the agent is root:
+                                                ``per-vm``, a uid of its own per VM (no passwd
+                                                entry; 2000000000 + the VM's run slot), so
+                                                local VMs cannot read each other's profiles,
+                                                display or sound; or a user name
 vnc_port            5900                        the VNC server's port on the VM's address (on a
                                                 shared loopback a free port is taken instead)
 ==================  ==========================  ============================================
@@ -89,7 +93,7 @@ class GuestConfig:
     command_timeout: float = 300.0
     max_commands: int = 8
     browser: str = "auto"
-    browser_user: str = "nobody"
+    browser_user: str = "per-vm"
     vnc_port: int = 5900
 
 

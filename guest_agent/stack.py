@@ -29,6 +29,7 @@ meets processes, so its decisions are tested against a fake stack and a fake CDP
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -141,6 +142,118 @@ def vnc_password_file(password: str | None) -> bytes:
     return encryptor.update(raw) + encryptor.finalize()
 
 
+def xauthority(cookie: bytes) -> bytes:
+    """An Xauthority file (libXau's format) holding one MIT-MAGIC-COOKIE-1 for any display, any address.
+
+    Family "wild" with no display number: the server (``-auth``) takes the cookie whatever its
+    display turns out to be (``-displayfd`` picks it later), and so does every client given it.
+    """
+
+    def counted(data: bytes) -> bytes:
+        return len(data).to_bytes(2, "big") + data
+
+    return (
+        (0xFFFF).to_bytes(2, "big")
+        + counted(b"")
+        + counted(b"")
+        + counted(b"MIT-MAGIC-COOKIE-1")
+        + counted(cookie)
+    )
+
+
+#: The first uid (and gid) of the per-VM browser users (``browser_user = per-vm``): a VM's Chromium
+#: runs as PER_VM_UID_BASE + the slot of its run directory.  Above the ranges Debian and systemd
+#: hand out (users, DynamicUser, systemd-nspawn's private users end at 0x6FFFFFFF), no passwd entry.
+PER_VM_UID_BASE = 2_000_000_000
+#: Run directory slots a host may hold (local VMs at once).
+RUN_SLOTS = 4096
+
+
+@attrs.define
+class RunDir:
+    """A run directory claimed for the life of this agent: ``path`` is ``<base>/<slot>``.
+
+    The claim is a ``flock`` on ``<base>/<slot>.lock`` held by the agent's open file: the kernel
+    drops it when the agent ends, however it ends (SIGKILL included), and no child inherits it
+    (close-on-exec, and Twisted closes a child's other descriptors).  So whoever takes a slot's
+    lock knows that the slot's directory, if any, is a dead agent's leftover.
+    """
+
+    path: str
+    slot: int
+    fd: int | None = attrs.field(default=None, repr=False)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def claim_run_dir(base: str, slots: int = RUN_SLOTS) -> RunDir:
+    """The first free slot under ``base``, its directory made afresh (a dead agent's leftover removed).
+
+    ``base`` is made (mode 0711) if missing and refused (:class:`StackError`) unless it is a real
+    directory of ours that nobody else may write into: only we create or remove names in it.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(base, 0o711)
+    info = os.lstat(base)
+    if not os.path.isdir(base) or os.path.islink(base):
+        raise StackError(f"{base} is not a directory")
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise StackError(f"{base} is not ours alone (owner uid {info.st_uid}, mode {info.st_mode & 0o777:o})")
+    for slot in range(slots):
+        fd = os.open(
+            os.path.join(base, f"{slot}.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        path = os.path.join(base, str(slot))
+        try:
+            if os.path.lexists(path):
+                log.info(
+                    "Removing {path}, left by an agent that is gone",
+                    path=path,
+                    event="browser-leftover-removed",
+                )
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+            os.mkdir(path, 0o711)
+            os.chmod(path, 0o711)
+        except BaseException:
+            os.close(fd)
+            raise
+        return RunDir(path, slot, fd)
+    raise StackError(f"all {slots} run directory slots under {base} are taken")
+
+
+def end_processes_of(uid: int, proc: str = "/proc") -> list[int]:
+    """SIGKILL every process running as ``uid``; their pids.
+
+    For a per-VM browser user whose slot we just claimed: whatever runs as it was left by the
+    slot's previous agent, which is gone (normally nothing: its processes die with it).
+    """
+    killed = []
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(os.path.join(proc, entry, "status"), encoding="ascii", errors="replace") as f:
+                uids = next((line.split()[1:] for line in f if line.startswith("Uid:")), [])
+        except OSError:
+            continue
+        if str(uid) in uids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+    return killed
+
+
 def write_private(path: str, content: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` atomically with ``content`` (a reader never sees half a password)."""
     temp = f"{path}.new"
@@ -160,8 +273,14 @@ def xvnc_argv(
     host: str,
     port: int,
     password_file: str,
+    auth_file: str | None = None,
 ) -> list[str]:
-    """Xvnc on a display of its choosing (written to fd 3), VNC on ``host:port`` with VncAuth."""
+    """Xvnc on a display of its choosing (written to fd 3), VNC on ``host:port`` with VncAuth.
+
+    ``auth_file``: an Xauthority file whose cookie X clients must show; without it any local user
+    could open the display (every local VM's, since X sockets are shared across namespaces).
+    """
+    auth = ["-auth", auth_file] if auth_file is not None else []
     return [
         programs.xvnc,
         "-displayfd",
@@ -185,6 +304,7 @@ def xvnc_argv(
         "-AlwaysShared",
         "-desktop",
         "vmcloud",
+        *auth,
     ]
 
 
@@ -369,8 +489,10 @@ class BrowserStack:
     """Xvnc, PulseAudio and Chromium of one VM, as processes of the agent.
 
     ``user`` is the (uid, gid) Chromium runs as (its sandbox refuses root); None runs it as the
-    agent's own user.  ``run_dir`` holds the VNC password file, the PulseAudio socket, the logs
-    and Chromium's profiles; a private temporary directory when None.
+    agent's own user.  ``run_dir`` holds the VNC password file, the X cookie, the PulseAudio
+    socket, the logs and Chromium's profiles: a claimed :class:`RunDir` (released at stop), or a
+    private temporary directory when None.  Only the agent, and ``user``'s group through the
+    cookie and the PulseAudio directory, can reach the display and the sound.
     """
 
     def __init__(
@@ -382,7 +504,7 @@ class BrowserStack:
         vnc_port: int = 5900,
         screen: tuple[int, int] = (1280, 800),
         user: tuple[int, int] | None = None,
-        run_dir: str | None = None,
+        run_dir: RunDir | None = None,
         environ: Mapping[str, str] | None = None,
         start_timeout: float = 20.0,
         chromium_flags: Sequence[str] = (),
@@ -423,13 +545,25 @@ class BrowserStack:
             and (self.programs.pulseaudio is None or _running(self.pulse))
         )
 
+    def _make_run_dir(self) -> None:
+        if self._run_dir_wanted is not None:
+            self.run_dir = self._run_dir_wanted.path
+        else:
+            self.run_dir = tempfile.mkdtemp(prefix="vmcloud-browser-")
+        os.chmod(self.run_dir, 0o711)
+        self.set_vnc_password(None)
+        # The X cookie: the agent's (vncconfig) and, through its group, the browser's.
+        write_private(self._xauthority(), xauthority(os.urandom(16)), 0o640 if self._user else 0o600)
+        if self._user is not None:
+            os.chown(self._xauthority(), -1, self._user[1])
+
+    def _xauthority(self) -> str:
+        return os.path.join(self.run_dir, "xauthority")
+
     async def start(self) -> CdpConnection:
         self._stopping = False
         if not self.run_dir:
-            self.run_dir = self._run_dir_wanted or tempfile.mkdtemp(prefix="vmcloud-browser-")
-            os.makedirs(self.run_dir, exist_ok=True)
-            os.chmod(self.run_dir, 0o711)
-            self.set_vnc_password(None)
+            self._make_run_dir()
         await end_process(self._reactor, self.chromium, grace=0.0)
         if self._profile is not None:
             shutil.rmtree(self._profile, ignore_errors=True)
@@ -446,6 +580,9 @@ class BrowserStack:
             await end_process(self._reactor, process, grace=2.0)
         if self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = ""
+        if self._run_dir_wanted is not None:
+            self._run_dir_wanted.release()
 
     # ------------------------------------------------------------------ VNC
 
@@ -464,7 +601,7 @@ class BrowserStack:
         d = getProcessOutputAndValue(
             self.programs.vncconfig,
             ["-display", f":{self.display}", "-disconnect"],
-            env=self._environ,
+            env=dict(self._environ, XAUTHORITY=self._xauthority()),
             reactor=self._reactor,
         )
         d.addTimeout(5, self._reactor)
@@ -518,6 +655,7 @@ class BrowserStack:
             host=host,
             port=port,
             password_file=self._password_file(),
+            auth_file=self._xauthority(),
         )
         self.xvnc = spawn(
             self._reactor,
@@ -547,7 +685,10 @@ class BrowserStack:
     async def _start_pulse(self) -> None:
         runtime = os.path.join(self.run_dir, "pulse")
         os.makedirs(runtime, exist_ok=True)
-        os.chmod(runtime, 0o711)
+        # The browser's group alone may reach the socket (other local VMs' browsers may not).
+        os.chmod(runtime, 0o710 if self._user else 0o700)
+        if self._user is not None:
+            os.chown(runtime, -1, self._user[1])
         socket_path = os.path.join(runtime, "native")
         if os.path.exists(socket_path):
             os.unlink(socket_path)
@@ -580,6 +721,9 @@ class BrowserStack:
             )
             return
         os.chmod(socket_path, 0o777)  # the browser runs as another user
+        # PulseAudio makes its runtime directory private (0700) as it starts: without this the
+        # browser (another user) cannot reach the socket and its sound goes nowhere.
+        os.chmod(runtime, 0o710 if self._user else 0o700)
 
     async def _start_chromium(self) -> CdpConnection:
         if self.display is None:
@@ -596,6 +740,7 @@ class BrowserStack:
         env = dict(
             self._environ,
             DISPLAY=f":{self.display}",
+            XAUTHORITY=self._xauthority(),
             HOME=home,
             XDG_CONFIG_HOME=os.path.join(home, ".config"),
             XDG_CACHE_HOME=os.path.join(home, ".cache"),

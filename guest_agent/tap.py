@@ -15,6 +15,7 @@ import ipaddress
 import os
 import pwd
 import socket
+import tempfile
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any, TypeVar
@@ -33,7 +34,14 @@ from guest_agent.commands import CommandRunner
 from guest_agent.config import GuestConfig, GuestConfigError, parse_guest_config, resolve_guest_config
 from guest_agent.files import FileStore
 from guest_agent.identity import NO_MAC, discover
-from guest_agent.stack import BrowserStack, find_stack
+from guest_agent.stack import (
+    PER_VM_UID_BASE,
+    BrowserStack,
+    StackError,
+    claim_run_dir,
+    end_processes_of,
+    find_stack,
+)
 from vmcloud.service import SequentialMultiService
 from vmcloud.stomp.client import ReconnectingSession
 from vmcloud.words.files import MAX_FILE_BYTES
@@ -167,14 +175,32 @@ def make_browser(reactor: Any, config: GuestConfig, ip: str | None) -> IBrowser:
     port = config.vnc_port
     if ipaddress.ip_address(host).is_loopback:
         port = _free_port(host)  # the host's loopback is shared by every local VM
+    try:
+        run_dir = claim_run_dir(browser_run_base())
+    except (OSError, StackError) as e:
+        raise SystemExit(f"vmcloud-guest: no run directory for the browser: {e}") from None
     user = None
     if os.geteuid() == 0:
-        try:
-            entry = pwd.getpwnam(config.browser_user)
-        except KeyError:
-            raise SystemExit(f"vmcloud-guest: browser_user {config.browser_user!r} does not exist") from None
-        user = (entry.pw_uid, entry.pw_gid)
-    stack = BrowserStack(reactor, programs, vnc_host=host, vnc_port=port, user=user)
+        if config.browser_user == PER_VM_USER:
+            uid = PER_VM_UID_BASE + run_dir.slot
+            left = end_processes_of(uid)
+            if left:
+                log.warn(
+                    "Killed {count} processes of uid {uid} left by a gone agent",
+                    count=len(left),
+                    uid=uid,
+                    event="browser-leftover-killed",
+                )
+            user = (uid, uid)
+        else:
+            try:
+                entry = pwd.getpwnam(config.browser_user)
+            except KeyError:
+                raise SystemExit(
+                    f"vmcloud-guest: browser_user {config.browser_user!r} does not exist"
+                ) from None
+            user = (entry.pw_uid, entry.pw_gid)
+    stack = BrowserStack(reactor, programs, vnc_host=host, vnc_port=port, user=user, run_dir=run_dir)
     return with_sound(reactor, ChromiumBrowser(reactor, stack), stack, host)
 
 
@@ -201,6 +227,18 @@ def with_sound(reactor: Any, browser: IBrowser, stack: BrowserStack, host: str) 
         host=host,
         environ=stack.pulse_environ,
     )
+
+
+#: ``browser_user`` meaning: a uid of its own for each VM's Chromium (see :data:`PER_VM_UID_BASE`).
+PER_VM_USER = "per-vm"
+
+
+def browser_run_base() -> str:
+    """Where the browsers' run directories are claimed: a directory only root may write into when
+    root (a user who made /tmp/vmcloud-browser first would own it), else one in the temp dir."""
+    if os.geteuid() == 0:
+        return "/var/lib/vmcloud-browser"
+    return os.path.join(tempfile.gettempdir(), f"vmcloud-browser-{os.geteuid()}")
 
 
 def _free_port(host: str) -> int:

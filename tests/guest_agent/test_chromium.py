@@ -379,4 +379,3 @@ class RepairTests(Harness):
         self.stack.process_died()
         self.pump(5.0)
         self.assertEqual(len(self.stack.browsers), 1)
-
