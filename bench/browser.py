@@ -1,7 +1,7 @@
 """Benchmark of the browser VM's stack (issue #9): prepare and cleanup times, memory, capacity.
 
-Prints figures, asserts nothing.  Run from the repository root (as root: Chromium then runs as
-``nobody`` with its sandbox on, as in a VM)::
+Prints figures, asserts nothing.  Run from the repository root (as root: each Chromium then runs
+as a uid of its own with its sandbox on, as in a VM)::
 
     .venv/bin/python bench/browser.py [--rounds 30] [--idle 1] [--vms 3] [--capacity 12]
 
@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -35,7 +37,7 @@ from twisted.web.server import Site
 from twisted.web.static import Data
 
 from guest_agent.chromium import ChromiumBrowser
-from guest_agent.stack import BrowserStack, find_stack
+from guest_agent.stack import PER_VM_UID_BASE, BrowserStack, claim_run_dir, find_stack
 
 HOME_PAGE = b"<html><head><title>Bench home</title></head><body style='background:#0f0'>home</body></html>"
 COOKIES = [{"name": "task", "value": "t-7"}, {"name": "worker", "value": "w-42"}]
@@ -86,11 +88,18 @@ async def main(reactor: Any, options: argparse.Namespace) -> None:
     root.putChild(b"", Data(HOME_PAGE, "text/html"))
     port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
     home = f"http://127.0.0.1:{port.getHost().port}/"
-    user = (65534, 65534) if os.geteuid() == 0 else None
+    # run directories and per-VM uids as the agent has them (uids of slots no live agent uses)
+    base = os.path.join(tempfile.mkdtemp(prefix="vmcloud-bench-"), "runs")
+    os.chmod(os.path.dirname(base), 0o711)
     browsers: list[ChromiumBrowser] = []
 
     async def start() -> ChromiumBrowser:
-        stack = BrowserStack(reactor, programs, vnc_host="127.0.0.1", vnc_port=free_port(), user=user)
+        run_dir = claim_run_dir(base)
+        uid = PER_VM_UID_BASE + 3000 + run_dir.slot
+        user = (uid, uid) if os.geteuid() == 0 else None
+        stack = BrowserStack(
+            reactor, programs, vnc_host="127.0.0.1", vnc_port=free_port(), user=user, run_dir=run_dir
+        )
         browser = ChromiumBrowser(reactor, stack)
         browser.startService()
         await browser.started
@@ -134,6 +143,14 @@ async def main(reactor: Any, options: argparse.Namespace) -> None:
             await start()
         await task.deferLater(reactor, 3.0, lambda: None)  # idle: start-up work done
         per_vm = [pss_of(stack_pids(b)) for b in browsers]
+        ours = set().union(*(stack_pids(b) for b in browsers))
+        others = [
+            p.pid
+            for p in psutil.process_iter(["exe"])
+            if p.info["exe"] and "chromium" in p.info["exe"] and p.pid not in ours
+        ]
+        if others:  # they map the same binary and libraries: every PSS share gets smaller
+            print(f"  (caution: {len(others)} other Chromium processes on this host lower the PSS figure)")
         print(
             f"PSS per idle VM ({len(browsers)} VMs, smaps_rollup):"
             f" mean {statistics.mean(per_vm) / 2**20:.0f} MiB,"
@@ -158,6 +175,7 @@ async def main(reactor: Any, options: argparse.Namespace) -> None:
         for browser in browsers:
             await browser.stopService()
         await port.stopListening()
+        shutil.rmtree(os.path.dirname(base), ignore_errors=True)
 
 
 if __name__ == "__main__":
