@@ -685,10 +685,7 @@ class BrowserStack:
     async def _start_pulse(self) -> None:
         runtime = os.path.join(self.run_dir, "pulse")
         os.makedirs(runtime, exist_ok=True)
-        # The browser's group alone may reach the socket (other local VMs' browsers may not).
-        os.chmod(runtime, 0o710 if self._user else 0o700)
-        if self._user is not None:
-            os.chown(runtime, -1, self._user[1])
+        self._share_pulse_dir(runtime)
         socket_path = os.path.join(runtime, "native")
         if os.path.exists(socket_path):
             os.unlink(socket_path)
@@ -721,9 +718,15 @@ class BrowserStack:
             )
             return
         os.chmod(socket_path, 0o777)  # the browser runs as another user
-        # PulseAudio makes its runtime directory private (0700) as it starts: without this the
-        # browser (another user) cannot reach the socket and its sound goes nowhere.
+        # PulseAudio makes its runtime directory its own and private (root, 0700) as it starts:
+        # without this the browser cannot reach the socket and its sound goes nowhere.
+        self._share_pulse_dir(runtime)
+
+    def _share_pulse_dir(self, runtime: str) -> None:
+        """The browser's group alone may reach the socket (other local VMs' browsers may not)."""
         os.chmod(runtime, 0o710 if self._user else 0o700)
+        if self._user is not None:
+            os.chown(runtime, -1, self._user[1])
 
     async def _start_chromium(self) -> CdpConnection:
         if self.display is None:
