@@ -353,22 +353,46 @@
 
   const rfbModules = {};
 
-  /** noVNC's RFB class, imported once per base (cross-origin needs CORS on /static/, which it has). */
+  /**
+   * noVNC's RFB class, imported once per base (cross-origin needs CORS on /static/, which it has).
+   * A failed import is forgotten, so the next attempt fetches again (a network blip while some 50
+   * modules load, e.g. Chromium's ERR_NETWORK_CHANGED, must not break the page for good).
+   */
   function loadRFB(base, moduleUrl) {
     const url = moduleUrl || absolute(base, "/static/novnc/core/rfb.js").href;
     if (!rfbModules[url]) {
-      rfbModules[url] = import(url).then(function (module) {
+      const loading = import(url).then(function (module) {
         return module.default;
+      });
+      rfbModules[url] = loading;
+      loading.catch(function () {
+        if (rfbModules[url] === loading) {
+          delete rfbModules[url];
+        }
       });
     }
     return rfbModules[url];
+  }
+
+  /** loadRFB, tried again after 0.5, 1, 2 and 4 s; the last failure is thrown. */
+  async function loadRFBPatiently(base, moduleUrl, signal) {
+    for (let pause = 500; ; pause *= 2) {
+      try {
+        return await loadRFB(base, moduleUrl);
+      } catch (error) {
+        if (pause > 4000 || (signal && signal.aborted)) {
+          throw error;
+        }
+        await sleep(pause, signal);
+      }
+    }
   }
 
   /**
    * The AudioWorklet processor: a jitter buffer of a few tens of ms.  Frames from the decoder are
    * queued; playback starts once target ms are queued; beyond max ms the oldest are dropped, so a
    * stall never turns into lasting delay; an underrun plays silence and refills to the target.
-   * It posts the level (RMS of what it played) every ~50 ms: the page's meter, and the tests' ears.
+   * It posts the level (RMS of what it played) every levelMs (50 ms): the page's meter, the tests' ears.
    */
   const WORKLET = `
 class VmcloudJitter extends AudioWorkletProcessor {
@@ -377,6 +401,7 @@ class VmcloudJitter extends AudioWorkletProcessor {
     const o = options.processorOptions || {};
     this.target = Math.round(sampleRate * (o.targetMs || 60) / 1000);
     this.max = Math.round(sampleRate * (o.maxMs || 200) / 1000);
+    this.every = Math.round(sampleRate * (o.levelMs || 50) / 1000);
     this.queue = [];
     this.queued = 0;
     this.offset = 0;
@@ -419,7 +444,7 @@ class VmcloudJitter extends AudioWorkletProcessor {
         this.offset = 0;
       }
     }
-    if (this.count >= sampleRate / 20) {
+    if (this.count >= this.every) {
       this.port.postMessage({ level: Math.sqrt(this.sum / this.count),
         buffered: (this.queued - this.offset) / sampleRate * 1000, dropped: this.dropped });
       this.sum = 0;
@@ -482,7 +507,11 @@ registerProcessor("vmcloud-jitter", VmcloudJitter);
         this.node = new AudioWorkletNode(this.context, "vmcloud-jitter", {
           numberOfInputs: 0,
           outputChannelCount: [2],
-          processorOptions: { targetMs: this.options.jitterMs || 60, maxMs: this.options.maxDelayMs || 200 },
+          processorOptions: {
+            targetMs: this.options.jitterMs || 60,
+            maxMs: this.options.maxDelayMs || 200,
+            levelMs: this.options.levelMs || 50,
+          },
         });
         const self = this;
         this.node.port.onmessage = function (e) {
@@ -602,6 +631,8 @@ registerProcessor("vmcloud-jitter", VmcloudJitter);
    *     onState: (state, detail) => ...,  // "waiting" | "connecting" | "connected" | "reconnecting"
    *                                       // | "lost" (the VM died: detail.lost) | "ended" (released,
    *                                       // expired: detail.error) | "detached"
+   *     onLevel: (report) => ...,    // {level, buffered, dropped} of the sound played, every levelMs
+   *                                  // (default 50); jitterMs (60) and maxDelayMs (200) size its buffer
    *   });
    *   view.detach();
    *
@@ -659,7 +690,7 @@ registerProcessor("vmcloud-jitter", VmcloudJitter);
     setState("waiting", {});
     const status = await this.waitAssigned({ signal: options.signal, timeout: options.timeout });
     attachment.status = status;
-    const RFB = await loadRFB(this.base, options.rfbModule);
+    const RFB = await loadRFBPatiently(this.base, options.rfbModule, options.signal);
     let pause = 1000;
 
     /** After a disconnect: is the VM still ours?  Then come back, else say why not. */
@@ -732,6 +763,7 @@ registerProcessor("vmcloud-jitter", VmcloudJitter);
       attachment.sound = new SoundPlayer(socketUrl(this.base, audioPath), {
         jitterMs: options.jitterMs,
         maxDelayMs: options.maxDelayMs,
+        levelMs: options.levelMs,
         onLevel: options.onLevel,
         onClose: function () {
           // the screen's disconnect handling says why; the sound follows it back
