@@ -253,3 +253,27 @@ class RefusalTests(SynchronousTestCase):
             got_status, body = self._get(h, path, headers)
             assert (got_status, body["error"]) == (status, code), (path, body)
             assert body["message"]
+
+    def test_a_broken_handshake_is_a_json_refusal(self) -> None:
+        """What the WebSocket library would refuse with an HTML page of its own is refused first, as
+        every other refusal (the same checks apply to /audio/{handle})."""
+        h = Harness()
+        ws = {
+            b"host": b"vmcloud.example",
+            b"upgrade": b"websocket",
+            b"connection": b"keep-alive, Upgrade",
+            b"sec-websocket-version": b"13",
+            b"sec-websocket-key": b"dGhlIHNhbXBsZSBub25jZQ==",
+        }
+        cases = [
+            {**ws, b"sec-websocket-version": b"8"},
+            {**ws, b"sec-websocket-key": b"not base64 at all!!!!!!!"},
+            {**ws, b"sec-websocket-key": b"c2hvcnQ="},  # base64, but not 16 bytes
+            {k: v for k, v in ws.items() if k != b"sec-websocket-key"},
+            {**ws, b"connection": b"keep-alive"},
+            {k: v for k, v in ws.items() if k != b"host"},
+            {**ws, b"sec-websocket-protocol": b"binary, binary"},
+        ]
+        for headers in cases:
+            status, body = self._get(h, b"/console/H1", headers)
+            assert (status, body["error"]) == (400, "bad-handshake"), (headers, body)

@@ -109,6 +109,180 @@ def _preflight(methods: str) -> dict[str, Any]:
     )
 
 
+#: The paths served by the console and audio proxies (``vmcloud.console``, mounted under
+#: ``/console/`` and ``/audio/``) rather than by Klein routes of their own.
+MOUNTED_PATHS = ("/console/{handle}", "/console/vm/{vmid}", "/audio/{handle}", "/audio/{handle}.ogg")
+
+_WS_HANDSHAKE = (
+    " A WebSocket (RFC 6455, version 13): a GET with `Upgrade: websocket`, `Connection: Upgrade`, "
+    "`Sec-WebSocket-Version: 13` and a `Sec-WebSocket-Key`; answers 101 and the socket on success. "
+    "Every refusal is made before the upgrade, as the API's JSON error. Browsers send `Origin`: it must "
+    "be one of `[api] cors_origins` (or the controller's own); a client without `Origin` is not a page."
+)
+_CLOSE_CODES = (
+    " Close codes: 4000 access ended (release, expiry, VM death: sent at once, the socket dropped 0.5 s "
+    "later if the peer does not answer), 4001 the VM's server cannot be reached or went away, 4002 no "
+    "audio for too long, 4008 a rule broken."
+)
+
+
+def _refusals(**statuses: str) -> dict[str, Any]:
+    """JSON error answers of the proxies, by status (``_409="..."``)."""
+    return {
+        status.lstrip("_"): {"description": text, "content": {JSON: {"schema": _ERROR}}}
+        for status, text in statuses.items()
+    }
+
+
+_ORIGIN = "A browser page from an origin not in `[api] cors_origins` (code origin-refused)."
+_METHOD = "Not a GET (code method-not-allowed)."
+_UPGRADE = "Not a WebSocket request (code websocket-required); answers `Upgrade: websocket`."
+_HANDSHAKE = (
+    "A broken opening handshake (code bad-handshake): no Host, no `Connection: Upgrade`, a version "
+    "other than 13, a key that is not 16 bytes of base64, a header given twice."
+)
+_ADDRESS = "The VM has no known address yet (code no-address)."
+_HANDLE_STATE = (
+    "The handle waits for a VM (not-assigned: try again once assigned), or its VM's guest said it has no "
+    "such server (no-vnc, no-audio)."
+)
+_LOST = "The handle's VM died (code vm-lost); the handle is still known: release it."
+_SWITCHING = {"101": {"description": "Switching Protocols: the WebSocket is open."}}
+_VIEW_ONLY = {
+    "name": "view_only",
+    "in": "query",
+    "required": False,
+    "description": "`1`: the controller drops this viewer's input (keys, pointer, clipboard, resizes).",
+    "schema": {"type": "string", "enum": ["0", "1", "true", "false"]},
+}
+
+
+def _console_paths() -> dict[str, Any]:
+    """``/console/...`` and ``/audio/...``: the worker's screen and sound, through the controller."""
+    return {
+        "/console/{handle}": {
+            "get": _operation(
+                "The VM's VNC stream for noVNC: raw RFB both ways in binary messages (subprotocol "
+                "`binary`), relayed to the handle's VM; several viewers per handle; closed within a second "
+                "of release, expiry or the VM's death. The handle is the credential; VncAuth with the "
+                "handle-status `vncPassword` follows inside the stream." + _WS_HANDSHAKE + _CLOSE_CODES,
+                {
+                    **_SWITCHING,
+                    **_refusals(
+                        _400=_HANDSHAKE,
+                        _403=_ORIGIN,
+                        _404="Unknown, released or expired handle (code unknown-handle).",
+                        _405=_METHOD,
+                        _409=_HANDLE_STATE,
+                        _410=_LOST,
+                        _426=_UPGRADE,
+                        _429="Already 8 viewers of this handle (code too-many-viewers).",
+                        _503="The controller serves as many viewers as it may (too-many-viewers), or "
+                        + _ADDRESS,
+                    ),
+                },
+                parameters=[_HANDLE, _VIEW_ONLY],
+            )
+        },
+        "/console/vm/{vmid}": {
+            "get": _operation(
+                "The operator's view of any live VM's screen (the monitor), as /console/{handle}. Browsers "
+                "cannot set headers on a WebSocket: the admin token is also taken as `?token=` or the "
+                "cookie `vmcloud_token`." + _WS_HANDSHAKE + _CLOSE_CODES,
+                {
+                    **_SWITCHING,
+                    **_refusals(
+                        _400=_HANDSHAKE,
+                        _401="No admin token while one is configured (code unauthorized).",
+                        _403=_ORIGIN,
+                        _404="No live VM of that id (code unknown-vm).",
+                        _405=_METHOD,
+                        _409="The VM's guest said it has no VNC server (code no-vnc).",
+                        _426=_UPGRADE,
+                        _429="Already 8 viewers of this VM (code too-many-viewers).",
+                        _503="The controller serves as many viewers as it may (too-many-viewers), or "
+                        + _ADDRESS,
+                    ),
+                },
+                admin=True,
+                parameters=[
+                    _path_param("vmid", "A VM id of /all-status."),
+                    _VIEW_ONLY,
+                    {
+                        "name": "token",
+                        "in": "query",
+                        "required": False,
+                        "description": "The admin token, for browsers (kept out of the access log).",
+                        "schema": {"type": "string"},
+                    },
+                ],
+            )
+        },
+        "/audio/{handle}": {
+            "get": _operation(
+                "The VM's sound for a page (Web Audio), for batches that asked for audio: first a text "
+                'message `{"type": "format", "codec": "opus", "sampleRate": 48000, "channels", "preSkip", '
+                '"head"}` (`head`: the OpusHead in base64, the WebCodecs description), then one binary '
+                "message per 20 ms Opus packet; with `?format=pcm`, "
+                '`{"codec": "pcm", "encoding": "s16le", "sampleRate": 48000, "channels": 1}` and PCM chunks. '
+                "A new format message means the capture restarted. A listener that falls 16 KiB behind "
+                "misses packets rather than queueing them." + _WS_HANDSHAKE + _CLOSE_CODES,
+                {
+                    **_SWITCHING,
+                    **_refusals(
+                        _400="format other than opus or pcm (code bad-request), or " + _HANDSHAKE,
+                        _403=_ORIGIN,
+                        _404="Unknown, released or expired handle (unknown-handle), or a batch that did not "
+                        "ask for audio (no-audio).",
+                        _405=_METHOD,
+                        _409=_HANDLE_STATE,
+                        _410=_LOST,
+                        _426=_UPGRADE + " The HTTP stream is /audio/{handle}.ogg.",
+                        _429="Already 16 listeners of this handle (code too-many-listeners).",
+                        _503="The controller serves as many listeners as it may (too-many-listeners), or "
+                        + _ADDRESS,
+                    ),
+                },
+                parameters=[
+                    _HANDLE,
+                    {
+                        "name": "format",
+                        "in": "query",
+                        "required": False,
+                        "description": "`opus` (default, for WebCodecs) or `pcm` (browsers without it).",
+                        "schema": {"type": "string", "enum": ["opus", "pcm"]},
+                    },
+                ],
+            )
+        },
+        "/audio/{handle}.ogg": {
+            "get": _operation(
+                "The VM's sound as a live Ogg/Opus stream (chunked HTTP) for a phone's media player: the "
+                "header pages (OpusHead, OpusTags) first, then a page per 20 ms packet, until the handle "
+                "ends (the response then finishes). A media element buffers seconds of it: the low-latency "
+                "path is /audio/{handle}. CORS as the handle routes. HEAD answers the headers alone.",
+                {
+                    "200": {
+                        "description": "The live stream (never ends on its own while the handle lives).",
+                        "content": {"audio/ogg": {"schema": {"type": "string", "format": "binary"}}},
+                    },
+                    **_refusals(
+                        _404="Unknown, released or expired handle (unknown-handle), or a batch that did not "
+                        "ask for audio (no-audio).",
+                        _405="Not a GET or HEAD (code method-not-allowed).",
+                        _409=_HANDLE_STATE,
+                        _410=_LOST,
+                        _429="Already 16 listeners of this handle (code too-many-listeners).",
+                        _503="The controller serves as many listeners as it may (too-many-listeners), or "
+                        + _ADDRESS,
+                    ),
+                },
+                parameters=[_HANDLE],
+            )
+        },
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     """The whole document, as plain JSON-ready data."""
     handle_routes_note = "A handle route: needs only the handle; CORS-enabled for the configured origins."
@@ -289,7 +463,9 @@ def openapi_document() -> dict[str, Any]:
             },
             "/static/{path}": {
                 "get": _operation(
-                    "Public files: monitor.html, vmcloud.js. Directories are never listed.",
+                    "Public files: monitor.html, worker.html, vmcloud.js, noVNC's modules (novnc/, with "
+                    "`Access-Control-Allow-Origin: *` so pages on other origins import them). Directories "
+                    "are never listed.",
                     {
                         "200": {"description": "The file."},
                         "304": {"description": "Not modified since If-Modified-Since."},
@@ -301,6 +477,7 @@ def openapi_document() -> dict[str, Any]:
                     parameters=[_path_param("path", "File name under the static directory.")],
                 )
             },
+            **_console_paths(),
         },
         "components": {
             "securitySchemes": {
@@ -325,7 +502,10 @@ def _schemas() -> dict[str, Any]:
                     "type": "string",
                     "description": "Stable code: bad-request, unauthorized, unknown-batch, unknown-handle, "
                     "batch-cancelled, shutting-down, not-found, method-not-allowed, internal-error; from "
-                    "the HTTP layer: body-too-large (413), uri-too-long (414), headers-too-large (431).",
+                    "the HTTP layer: body-too-large (413), uri-too-long (414), headers-too-large (431); from "
+                    "/console and /audio: origin-refused, unknown-vm, not-assigned, no-vnc, no-audio, "
+                    "vm-lost, no-address, websocket-required, bad-handshake, too-many-viewers, "
+                    "too-many-listeners.",
                 },
                 "message": {"type": "string", "description": "For humans."},
             },

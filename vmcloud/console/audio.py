@@ -46,7 +46,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from vmcloud.api.errors import ApiError
-from vmcloud.console.gate import Gate, refuse
+from vmcloud.console.gate import Gate, check_handshake, refuse
 from vmcloud.console.ogg import OggError, OggPage, OggReader, OpusHead
 from vmcloud.console.registry import AccessRegistry
 from vmcloud.console.targets import Target
@@ -597,14 +597,7 @@ class AudioResource(WebSocketResource):
         if target is None:
             raise ApiError(404, "unknown-handle", "no such handle (released, expired, or never issued)")
         if not stream:
-            upgrade = request.getHeader(b"upgrade")
-            if upgrade is None or upgrade.lower() != b"websocket":
-                raise ApiError(
-                    426,
-                    "websocket-required",
-                    "this route is a WebSocket; /audio/{handle}.ogg is the HTTP stream",
-                    headers=((b"Upgrade", b"websocket"),),
-                )
+            check_handshake(request)  # (/audio/{handle}.ogg is the plain HTTP stream)
         hub = self._audio.hub
         if hub.listeners_of(target) >= self._max_per_handle:
             raise ApiError(

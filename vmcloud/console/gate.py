@@ -16,6 +16,7 @@ rather than a WebSocket library's HTML page.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import urlsplit
@@ -78,6 +79,57 @@ class Gate:
         """CORS headers for a plain HTTP answer (the Ogg stream fetched by a page)."""
         for name, value in self.cors.allow_origin(request.getHeader(b"origin")):
             request.setHeader(name, value)
+
+
+def check_handshake(request: IRequest) -> None:
+    """Refuse (426, 400) what the WebSocket library would refuse with an HTML page of its own.
+
+    Once a request is handed over for the upgrade, a bad opening handshake is answered by
+    autobahn with its own page; the checks it makes (RFC 6455 §4.2.1) are made here first, so a
+    refusal is the API's JSON error like every other.
+    """
+    upgrade = request.getHeader(b"upgrade")
+    if upgrade is None or b"websocket" not in [t.strip() for t in upgrade.lower().split(b",")]:
+        raise ApiError(
+            426,
+            "websocket-required",
+            "this route is a WebSocket: send Upgrade: websocket",
+            headers=((b"Upgrade", b"websocket"),),
+        )
+    headers = request.requestHeaders
+
+    def one(name: bytes) -> bytes | None:
+        values = headers.getRawHeaders(name) or []
+        if len(values) > 1:
+            raise ApiError(400, "bad-handshake", f"{name.decode()} appears more than once")
+        return values[0] if values else None
+
+    if not one(b"host"):
+        raise ApiError(400, "bad-handshake", "the opening handshake needs a Host header")
+    connection = b",".join(headers.getRawHeaders(b"connection") or [])
+    if b"upgrade" not in [t.strip() for t in connection.lower().split(b",")]:
+        raise ApiError(400, "bad-handshake", "the opening handshake needs Connection: Upgrade")
+    if one(b"sec-websocket-version") != b"13":
+        raise ApiError(
+            400,
+            "bad-handshake",
+            "only WebSocket version 13 is spoken (Sec-WebSocket-Version: 13)",
+            headers=((b"Sec-WebSocket-Version", b"13"),),
+        )
+    key = one(b"sec-websocket-key") or b""
+    try:
+        nonce = base64.b64decode(key, validate=True)
+    except ValueError:
+        nonce = b""
+    if len(key) != 24 or len(nonce) != 16:
+        raise ApiError(400, "bad-handshake", "Sec-WebSocket-Key must be 16 bytes in base64")
+    one(b"origin")
+    one(b"sec-websocket-extensions")
+    protocols = [
+        p.strip() for v in headers.getRawHeaders(b"sec-websocket-protocol") or [] for p in v.split(b",")
+    ]
+    if len(protocols) != len(set(protocols)):
+        raise ApiError(400, "bad-handshake", "a subprotocol is named twice in Sec-WebSocket-Protocol")
 
 
 def flag(request: IRequest, name: bytes) -> bool:

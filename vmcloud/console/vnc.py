@@ -43,7 +43,7 @@ from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from vmcloud.api.errors import ApiError
-from vmcloud.console.gate import Gate, flag, refuse
+from vmcloud.console.gate import Gate, check_handshake, flag, refuse
 from vmcloud.console.registry import AccessRegistry
 from vmcloud.console.rfb import RfbViolation, ViewOnlyFilter
 from vmcloud.console.targets import Target
@@ -417,14 +417,7 @@ class ConsoleResource(WebSocketResource):
         target = resolve(key)
         if target is None:
             raise ApiError(404, "unknown-handle", "no such handle (released, expired, or never issued)")
-        upgrade = request.getHeader(b"upgrade")
-        if upgrade is None or upgrade.lower() != b"websocket":
-            raise ApiError(
-                426,
-                "websocket-required",
-                "this route is a WebSocket (subprotocol binary) for noVNC",
-                headers=((b"Upgrade", b"websocket"),),
-            )
+        check_handshake(request)
         registry = self._console.registry
         if registry.count(target.key) >= self._max_per_key:
             raise ApiError(429, "too-many-viewers", f"at most {self._max_per_key} viewers of one console")
