@@ -64,6 +64,11 @@ def stack_pids(browser: ChromiumBrowser) -> set[int]:
         pids.add(pid)
         with contextlib.suppress(psutil.Error):
             pids.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+    user = browser.stack.user
+    if user is not None:  # and Chromium's crash handlers, which leave its tree (double fork)
+        pids.update(
+            p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == user[0]
+        )
     return pids
 
 

@@ -533,6 +533,11 @@ class BrowserStack:
     def audio(self) -> bool:
         return self.pulse is not None and self.pulse.running
 
+    @property
+    def user(self) -> tuple[int, int] | None:
+        """The (uid, gid) Chromium runs as; None: the agent's own."""
+        return self._user
+
     def pids(self) -> list[int]:
         """The pids of the stack's own processes (Chromium's children not included)."""
         processes = (self.xvnc, self.pulse, self.chromium)
