@@ -42,7 +42,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, FirstError, gatherResults
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -138,6 +138,7 @@ class ChromiumBrowser(Service):
         load_timeout: float = 15.0,
         max_restarts: int = 3,
         restart_window: float = 120.0,
+        retry_delay: float = 1.0,
         settle: float = 0.8,
     ) -> None:
         self._reactor = reactor
@@ -152,6 +153,7 @@ class ChromiumBrowser(Service):
         self._load_timeout = load_timeout
         self._max_restarts = max_restarts
         self._restart_window = restart_window
+        self._retry_delay = retry_delay
         self._settle = settle
         self._lock = DeferredLock()
         self.cdp: CdpConnection | None = None
@@ -560,22 +562,37 @@ class ChromiumBrowser(Service):
             await self._recover(reason)
 
     async def _recover(self, reason: str) -> None:
-        """Restart what is needed; a prepared session is opened again.  Beyond repair: broken."""
-        now = self._reactor.seconds()
-        self._restarts = [t for t in self._restarts if now - t < self._restart_window] + [now]
+        """Restart what is needed, a prepared session opened again; a restart that fails is tried
+        again a second later, within the same budget.  Beyond repair: broken, and said once."""
         session = self._session
-        try:
-            if len(self._restarts) > self._max_restarts:
-                raise StackError(f"{len(self._restarts)} restarts within {self._restart_window:g} s")
-            await self._restart(reason)
-            if session is not None:
-                await self._open_session(session.request)
-                self._say({"action": "browser-restarted", "reason": reason[:200]})
-        except Exception as e:
-            self.broken = f"{reason}; repair failed: {e}"
-            log.error("The browser is beyond repair: {reason}", reason=self.broken, event="browser-broken")
-            if self.on_broken is not None:
-                self.on_broken(self.broken)
+        error: Exception | None = None
+        while True:
+            now = self._reactor.seconds()
+            self._restarts = [t for t in self._restarts if now - t < self._restart_window] + [now]
+            if len(self._restarts) > self._max_restarts or self._stopping:
+                break
+            try:
+                await self._restart(reason)
+                if session is not None:
+                    await self._open_session(session.request)
+                    self._say({"action": "browser-restarted", "reason": reason[:200]})
+                return
+            except Exception as e:
+                error = e
+                log.warn(
+                    "Repair failed ({reason}): {error}",
+                    reason=reason,
+                    error=str(e),
+                    event="browser-repair-failed",
+                )
+                await deferLater(self._reactor, self._retry_delay)
+        if self._stopping:
+            return
+        count = f"{len(self._restarts)} restarts within {self._restart_window:g} s"
+        self.broken = f"{reason}; {count}" + (f"; the last failed: {error}" if error else "")
+        log.error("The browser is beyond repair: {reason}", reason=self.broken, event="browser-broken")
+        if self.on_broken is not None:
+            self.on_broken(self.broken)
 
     def _check_health(self) -> None:
         if self._lock.locked or self._stopping or self.broken is not None or self.cdp is None:

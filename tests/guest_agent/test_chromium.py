@@ -329,17 +329,33 @@ class RepairTests(Harness):
         self.assertEqual(len(self.our_contexts(self.stack.browser)), 1, "with a spare window")
         self.assertEqual(self.events, [], "nobody to tell while FREE")
 
-    def test_a_stack_that_cannot_start_is_broken_at_once(self) -> None:
+    def test_a_stack_that_cannot_start_is_broken_within_seconds(self) -> None:
         self.stack.fail_starts = -1
         self.browser.startService()
-        self.pump()
+        self.pump(2.9)
+        self.assertEqual(self.broken, [])
+        self.pump(0.2)  # the start, and three more a second apart: the restart budget
         self.successResultOf(self.browser.started)
         self.assertEqual(len(self.broken), 1)
+        self.assertIn("4 restarts within 120 s", self.broken[0])
         self.assertIn("chromium exited with status 127", self.broken[0])
         failure = self.failureResultOf(
             Deferred.fromCoroutine(self.browser.prepare(HOME, [], (800, 600), False)), StackError
         )
         self.assertIn("broken", str(failure.value))
+
+    def test_a_failed_restart_is_tried_again_and_the_session_reopened(self) -> None:
+        self.start()
+        self.prepare()
+        self.stack.fail_starts = 2
+        self.stack.process_died()
+        self.pump(2.5)
+        self.assertEqual(self.broken, [])
+        self.assertEqual(len(self.stack.browsers), 2)
+        again = self.stack.browser
+        [context] = self.our_contexts(again)
+        self.assertEqual(again.page_in(context).url, HOME)
+        self.assertEqual(self.events[-1]["action"], "browser-restarted")
 
     def test_a_stack_that_starts_at_the_second_try_is_fine(self) -> None:
         self.stack.fail_starts = 1
