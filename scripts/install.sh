@@ -19,6 +19,7 @@ command -v pulseaudio >/dev/null 2>&1 || packages+=(pulseaudio)
 command -v ffmpeg >/dev/null 2>&1 || packages+=(ffmpeg)  # the VM's sound: guest_agent/audio.py encodes Opus
 command -v xdotool >/dev/null 2>&1 || packages+=(xdotool)  # tests/console ask the X server where its pointer is
 command -v setpriv >/dev/null 2>&1 || packages+=(util-linux)
+command -v xdpyinfo >/dev/null 2>&1 || packages+=(x11-utils)  # tests/integration/test_browser_isolation.py
 fc-list 2>/dev/null | grep -qi dejavu || packages+=(fonts-dejavu-core)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "install.sh: installing system packages: ${packages[*]}"
