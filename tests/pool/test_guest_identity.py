@@ -12,7 +12,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.pool.fakes import two_listed_vms
 from vmcloud.pool.interfaces import BatchOptions, Cookie
-from vmcloud.pool.model import VMState
 
 MAC_A, IP_A = "fa:16:3e:00:00:01", "10.0.0.5"
 MAC_B, IP_B = "fa:16:3e:00:00:02", "10.0.0.6"
@@ -70,18 +69,22 @@ class GuestIdentityTests(SynchronousTestCase):
         self.assertEqual(w.counts(), {"READY": 2})
         self.assertEqual(len(self.refusals()), 2)
 
-    def test_a_claim_on_a_vm_with_other_credentials_is_refused_before_its_guest_came(self) -> None:
-        """The victim's own guest has not said HELLO yet: the VM still is not the claimer's."""
+    def test_the_guest_with_a_vms_credentials_takes_it_back_from_a_claimer(self) -> None:
+        """A guest without minted credentials (one that identifies by its MAC) may claim a VM nobody
+        is bound to yet; the guest that logs in with the VM's own credentials still gets it, and
+        from then on the claimer is refused."""
         w, req_a, _req_b = two_listed_vms(((MAC_A,), (IP_A,)), ((MAC_B,), (IP_B,)))
-        w.channel.hello("evilguest", login="evilguest", mac=MAC_A)
+        w.channel.hello("fa-16-3e-00-00-01", login="fa-16-3e-00-00-01", mac=MAC_A)
         w.turn()
-        self.assertEqual(w.state.vms[req_a.vmid].state, VMState.BOOTING)
-        self.assertIsNone(w.state.vms[req_a.vmid].identity)
-        self.assertEqual(len(self.refusals()), 1)
+        self.assertEqual(w.state.vms[req_a.vmid].identity, "fa-16-3e-00-00-01")
         login = req_a.credentials.login
-        w.channel.hello(login, login=login, mac=MAC_A)  # the real guest still gets its VM
+        w.channel.hello(login, login=login, mac=MAC_A)
         w.turn()
         self.assertEqual(w.state.vms[req_a.vmid].identity, login)
+        w.channel.hello("fa-16-3e-00-00-01", login="fa-16-3e-00-00-01", mac=MAC_A)
+        w.turn()
+        self.assertEqual(w.state.vms[req_a.vmid].identity, login)
+        self.assertEqual(len(self.refusals()), 1)
 
     def test_a_vm_bound_to_a_guest_without_login_is_not_rebound_either(self) -> None:
         """External brokers pass no login: the first guest to claim an unbound VM keeps it."""

@@ -445,12 +445,13 @@ class PoolState:
         """The VM a guest belongs to, or None while none is known for it yet.
 
         A guest is who its credentials say and nothing else: a VM bound to a login or identity
-        goes to that guest only.  What a guest merely claims (a MAC or IP in its HELLO) picks only
-        among VMs nobody is bound to yet, and never a VM given credentials other than the ones the
-        guest logged in with; a claim on any other VM raises :class:`GuestRefused`, so that a guest
-        that reaches the broker cannot take over a VM (and with it the next worker's cookies and
-        VNC password).  A guest with no login is one an external broker passed on (a shared
-        account, nothing vouched for): its claims only ever pick unbound VMs.
+        goes to that guest only, and the guest logging in with the credentials minted for a VM
+        always gets that VM (even from a guest that claimed it first).  What a guest merely claims
+        (a MAC or IP in its HELLO) picks only among VMs nobody is bound to yet; a claim on a bound
+        VM raises :class:`GuestRefused`, so that a guest that reaches the broker cannot take over a
+        VM (and with it the next worker's cookies and VNC password).  Claims come only from guests
+        without minted credentials: anonymous ones, which the broker takes from its own host only,
+        and those an external broker passes on; a VM's own guest is matched by its login first.
         """
         if guest.login is not None and guest.login in self._by_login:
             return self._by_login[guest.login]
@@ -464,9 +465,6 @@ class PoolState:
         if vmid is None:
             return None
         vm = self.vms[vmid]
-        if guest.login is not None and vm.login is not None:
-            # the broker vouches for the guest's login, and it is not this VM's
-            raise GuestRefused(f"its {claim} names VM {vmid}, whose guest logs in as {vm.login}")
         if vm.identity is not None:
             raise GuestRefused(f"its {claim} names VM {vmid}, already bound to guest {vm.identity}")
         return vmid
