@@ -63,6 +63,11 @@ class ParseConfigTests(SynchronousTestCase):
         with self.assertRaisesRegex(ConfigError, "local or nova"):
             parse_config(None, {"driver": "vbox"})
 
+    def test_local_browser_choice(self) -> None:
+        self.assertEqual(parse_config("[local]\nbrowser = none\n").local.browser, "none")
+        with self.assertRaisesRegex(ConfigError, r"\[local\] browser"):
+            parse_config("[local]\nbrowser = firefox\n")
+
 
 class LoopbackTests(SynchronousTestCase):
     def test_loopback_descriptions(self) -> None:

@@ -70,6 +70,7 @@ class LocalSettings:
     netns: str = "auto"  # auto | yes | no
     subnet: str = ""  # empty: a free /24 of 10.200.0.0/13, probed from a hash of the state dir
     bridge: str = ""  # empty: vmcb + a hash of the state dir and prefix (two daemons never share it)
+    browser: str = "auto"  # auto: the real browser stack in every VM where installed; none: no browser
 
 
 @attrs.frozen
@@ -212,6 +213,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("[broker] anonymous_guests: expected auto, yes or no")
     if config.local.netns not in ("auto", "yes", "no"):
         raise ConfigError("[local] netns: expected auto, yes or no")
+    if config.local.browser not in ("auto", "none"):
+        raise ConfigError("[local] browser: expected auto or none")
     if config.pool.driver == "local":
         from vmcloud.drivers.netns import check_bridge_name, check_subnet
 

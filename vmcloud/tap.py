@@ -261,6 +261,7 @@ def build_controller(reactor: Any, config: Config, environ: Mapping[str, str]) -
             subnet=config.local.subnet or None,  # empty: derived from the state dir
             bridge=config.local.bridge or None,
             environ=vm_environment(environ),
+            browser=config.local.browser,
         )
         # before anything reads the state dir: a second daemon on it stops here (HostInUse)
         driver.claim_state_dir()

@@ -210,6 +210,8 @@ class UserDataTests(SynchronousTestCase):
         raw = user_data_ini(request, "tcp:10.251.0.1:61613", FilePath("/srv/vm/work"))
         config = parse_guest_config({}, None, raw)
         self.assertEqual(
-            (config.broker, config.login, config.passcode, config.workdir),
-            ("tcp:10.251.0.1:61613", "vm-9", "p%w;d#1", "/srv/vm/work"),
+            (config.broker, config.login, config.passcode, config.workdir, config.browser),
+            ("tcp:10.251.0.1:61613", "vm-9", "p%w;d#1", "/srv/vm/work", "auto"),
         )
+        without = user_data_ini(request, "tcp:10.251.0.1:61613", FilePath("/srv/vm/work"), browser="none")
+        self.assertEqual(parse_guest_config({}, None, without).browser, "none")  # [local] browser = none

@@ -272,11 +272,14 @@ class LocalDriver:
         environ: Mapping[str, str] | None = None,
         proc: str = "/proc",
         host_lock: str = HOST_LOCK_PATH,
+        browser: str = "auto",
     ) -> None:
         """``environ`` is the base environment of the VMs' processes (see :func:`vm_environment`).
 
         None means only ``PATH``: the driver never reads the daemon's environment itself.
         ``subnet`` and ``bridge`` raise ValueError when malformed; None derives them.
+        ``browser`` goes into every VM's user-data: ``auto`` (the real stack where installed) or
+        ``none`` (agents without a browser: a pool of command runners, or tests of the pool's rules).
         """
         if max_vms < 0:
             raise ValueError(f"max_vms must be >= 0, not {max_vms}")
@@ -298,6 +301,7 @@ class LocalDriver:
         self._host_lock = host_lock
         self._setsid = find_tool("setsid")
         self._kill_grace = kill_grace
+        self._browser = browser
         self._environ = environ if environ is not None else {"PATH": SYSTEM_PATH}
         self._proc = proc
         self._claim = StateDirClaim(self._owner, proc)
@@ -570,7 +574,7 @@ class LocalDriver:
             workdir = vm_dir.child(WORK_DIR)
             workdir.makedirs()
             user_data = vm_dir.child(USER_DATA_FILE)
-            _write_private(user_data, user_data_ini(request, self.broker_for_guest(), workdir))
+            _write_private(user_data, user_data_ini(request, self.broker_for_guest(), workdir, self._browser))
             if net is not None:
                 await self._host.create(net, self.layout.bridge)
             argv = self._agent_argv(request, self.broker_for_guest())
@@ -801,11 +805,12 @@ class LocalDriver:
         self._record_path(record).setContent(record.to_json())
 
 
-def user_data_ini(request: BootRequest, broker: str, workdir: FilePath[str]) -> bytes:
+def user_data_ini(request: BootRequest, broker: str, workdir: FilePath[str], browser: str = "auto") -> bytes:
     """The ``[agent]`` INI section a Nova guest would receive as user-data (see guest_agent/config.py).
 
     On top of what Nova guests get, ``workdir``: local VMs share one filesystem, so each needs
-    its own directory for the files and commands of its agent.
+    its own directory for the files and commands of its agent; and ``browser`` when the operator
+    wants agents without one.
     """
     ini = configparser.ConfigParser(interpolation=None)
     ini["agent"] = {
@@ -816,6 +821,8 @@ def user_data_ini(request: BootRequest, broker: str, workdir: FilePath[str]) -> 
     }
     if request.credentials.beacon_interval is not None:
         ini["agent"]["beacon_interval"] = f"{request.credentials.beacon_interval:g}"
+    if browser != "auto":
+        ini["agent"]["browser"] = browser
     text = io.StringIO()
     ini.write(text)
     return text.getvalue().encode("utf-8")
