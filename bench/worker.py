@@ -30,6 +30,7 @@ page's path works in a headless Chromium).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import time
 from typing import Any
+from urllib.parse import quote
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -229,13 +231,14 @@ class PcmSocket(WsPipe):
 
 
 class Decoder(ProcessProtocol):
-    """ffmpeg decoding the live Ogg stream as it comes; onsets in what it prints."""
+    """ffmpeg decoding the live Ogg stream as it comes; onsets in what it prints (on ``clock``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = time.monotonic) -> None:
         self.detector = OnsetDetector()
+        self.clock = clock
 
     def outReceived(self, data: bytes) -> None:  # noqa: N802
-        self.detector.feed(data, time.monotonic())
+        self.detector.feed(data, self.clock())
 
 
 class OggBody(Protocol):
@@ -418,8 +421,363 @@ async def main(reactor_: Any, runs: int) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------- --daemon: real browser VMs
+
+#: The VMs' pages for the daemon mode (served on the bridge): one colour, a colour that flips at
+#: every key, beeps at known times (the integration test's), a moving box for the viewers' load.
+DAEMON_PAGES = {
+    "/keys.html": """<html><head><title>Keys</title></head><body style="margin:0;background:#ff0000">
+<script>let on = false; document.addEventListener('keydown', () => {
+  on = !on; document.body.style.background = on ? '#ffff00' : '#ff0000'; });</script></body></html>""",
+    "/anim.html": """<html><head><title>Animation</title></head><body style="margin:0;background:#fff">
+<div id="box" style="position:absolute;top:300px;width:200px;height:200px;background:#08f"></div>
+<script>const box = document.getElementById('box');
+(function move(t) { box.style.left = (t / 4) % 1000 + 'px'; requestAnimationFrame(move); })(0);
+</script></body></html>""",
+}
+
+#: The application's page for the bench: locks through its backend and attaches (as the test's), with
+#: marks on the page's own clock: lock, states, every change of the screen's centre pixel (noVNC's
+#: display hooked at each flip, so a frame is seen the moment it is drawn), every key pressed.
+BENCH_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>bench</title>
+<style>html, body {{ margin: 0; background: #000; }} #screen {{ width: 1280px; height: 800px; }}</style>
+<script src="{controller}/static/vmcloud.js"></script></head>
+<body><div id="screen" tabindex="0"></div><script>
+"use strict";
+const query = new URLSearchParams(location.search);
+window.b = {{ marks: {{}}, changes: [], keys: [], levels: [], error: null, state: null, handle: null }};
+const mark = (name) => {{ if (!(name in b.marks)) b.marks[name] = performance.now(); }};
+function pixel() {{
+  const c = document.querySelector("#screen canvas");
+  if (!c || !c.width) return null;
+  const p = c.getContext("2d").getImageData(c.width >> 1, Math.floor(c.height * 0.6), 1, 1).data;
+  return p[0] + "," + p[1] + "," + p[2];
+}}
+window.addEventListener("keydown", () => b.keys.push(performance.now()), true);
+(async () => {{
+  mark("start");
+  b.handle = await vmcloud.admin(location.origin + "/backend").lock(query.get("batch"));
+  mark("locked");
+  const vm = vmcloud.handle("{controller}", b.handle);
+  b.attachment = await vm.attach(document.getElementById("screen"), {{
+    audio: query.get("audio") === "1", levelMs: 5,
+    onState: (state) => {{ b.state = state; mark(state); }},
+    onLevel: (report) => {{ b.levels.push([Date.now(), report.level, report.buffered]); }},
+  }});
+  const display = b.attachment.rfb._display, flip = display.flip.bind(display);
+  let last = null;
+  display.flip = (fromQueue) => {{
+    flip(fromQueue);
+    const now = pixel();
+    if (now !== last) {{ last = now; b.changes.push([performance.now(), now]); }}
+  }};
+}})().catch((error) => {{ b.error = String(error); }});
+</script></body></html>"""
+
+GREEN_PIXEL = "0,255,0"
+DAEMON_PARTS = {"frames", "keys", "sound", "viewers"}
+
+
+class DaemonBench:
+    """A real daemon on the local driver with browser VMs, the VMs' site, the application's site and
+    the worker's headless Chromium (all of tests/integration/test_worker_view.py's parts)."""
+
+    def __init__(self, daemon: Any, site: str, app: str, browser: Any) -> None:
+        self.daemon = daemon
+        self.site = site
+        self.app = app
+        self.browser = browser
+        self.http = HTTPConnectionPool(reactor, persistent=False)
+
+    async def api(self, method: str, path: str, body: Any = None) -> Any:
+        import treq
+
+        response = await treq.request(
+            method, self.daemon.url + path, json=body, headers={"Accept": "application/json"}, pool=self.http
+        )
+        text = await response.text()
+        assert response.code < 300, (method, path, response.code, text)
+        return json.loads(text) if text.startswith(("{", "[")) else text
+
+    async def batch(self, page: str, audio: bool = False) -> str:
+        answer = await self.api(
+            "POST", f"/prepare-batch/1/{quote(self.site + page, safe='')}", {"audio": audio}
+        )
+        return str(answer["batch"])
+
+    async def ready(self, batch: str) -> None:
+        """Until a VM of the batch is READY: the pool is warm."""
+        deadline = time.monotonic() + 60
+        while True:
+            status = await self.api("GET", "/all-status")
+            if any(vm["state"] == "READY" and vm.get("batch") == batch for vm in status["vms"]):
+                return
+            assert time.monotonic() < deadline, "no READY VM within 60 s"
+            await task.deferLater(reactor, 0.1, lambda: None)
+
+    async def session(self, batch: str, audio: bool = False, colour: str | None = None) -> Any:
+        """The bench page locked and attached; once its screen shows ``colour`` (or anything)."""
+        tab = await self.browser.open(f"{self.app}/app.html?batch={batch}&audio={int(audio)}")
+        wanted = f"c[1] === {json.dumps(colour)}" if colour else "c[1] !== null"
+        await tab.until(
+            f"window.b && b.changes.some((c) => {wanted})",
+            "the first frame",
+            60,
+            "{state: b.state, error: b.error, changes: b.changes.slice(-3)}",
+        )
+        return tab
+
+    async def end(self, tab: Any) -> None:
+        await tab.js(f"vmcloud.handle({json.dumps(self.daemon.url)}, b.handle).release().then(() => true)")
+        await self.browser.cdp.call("Target.closeTarget", {"targetId": tab.target})
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.daemon.process.pid)
+
+    async def controller_cpu(self, seconds: float = 5.0) -> float:
+        """The daemon's CPU over ``seconds``, in % of one core."""
+        before, wall = self.cpu(), time.monotonic()
+        await task.deferLater(reactor, seconds, lambda: None)
+        return (self.cpu() - before) / (time.monotonic() - wall) * 100
+
+
+async def first_frames(bench: DaemonBench, runs: int) -> None:
+    print("lock -> first frame on the worker page (warm pool: a READY VM waits; 1280x800)")
+    batch = await bench.batch("/home.html")
+    marks: dict[str, list[float]] = {"lock answered": [], "noVNC connected": [], "first frame": []}
+    cold = None
+    for run in range(runs + 1):
+        await bench.ready(batch)
+        tab = await bench.session(batch, colour=GREEN_PIXEL)
+        page = json.loads(await tab.js("JSON.stringify({marks: b.marks, changes: b.changes})"))
+        start = page["marks"]["start"]
+        first = next(t for t, colour in page["changes"] if colour == GREEN_PIXEL) - start
+        if run == 0:
+            cold = first  # noVNC's modules fetched for the first time
+        else:
+            marks["lock answered"].append(page["marks"]["locked"] - start)
+            marks["noVNC connected"].append(page["marks"]["connected"] - start)
+            marks["first frame"].append(first)
+        await bench.end(tab)
+    for name, values in marks.items():
+        line(f"{name} (from the lock call)", values)
+    print(f"  the first run, noVNC's modules not yet in the browser's cache: {cold:.0f} ms")
+    await bench.api("POST", f"/cancel-batch/{batch}")
+
+
+async def key_to_screen(bench: DaemonBench, presses: int) -> None:
+    print("key -> screen change (a key typed on the worker page; the VM's page flips its colour)")
+    batch = await bench.batch("/keys.html")
+    await bench.ready(batch)
+    tab = await bench.session(batch, colour="255,0,0")
+    await tab.js("b.attachment.rfb.focus(); true")
+    delays = []
+    for _ in range(presses):
+        seen = await tab.js("b.changes.length")
+        await tab.key("a")
+        await tab.until(f"b.changes.length > {seen}", "the screen changed", 5)
+        key, change = await tab.js("[b.keys[b.keys.length - 1], b.changes[b.changes.length - 1][0]]")
+        delays.append(change - key)
+        await task.deferLater(reactor, 0.15, lambda: None)
+    line("keydown on the page -> the canvas shows the change", delays)
+    await bench.end(tab)
+    await bench.api("POST", f"/cancel-batch/{batch}")
+
+
+async def sound_delays(bench: DaemonBench, seconds: float) -> None:
+    print("sound: a VM page's beeps (1 kHz, 300 ms, one a second) -> the worker page and the .ogg stream")
+    batch = await bench.batch("/beeps.html", audio=True)
+    await bench.ready(batch)
+    tab = await bench.session(batch, audio=True)
+    assert await tab.js("b.attachment.startSound()") == "running"
+    handle = await tab.js("b.handle")
+    ffmpeg = shutil.which("ffmpeg")
+    assert ffmpeg is not None
+    decoder = Decoder(clock=time.time)
+    reactor.spawnProcess(
+        decoder,
+        ffmpeg,
+        [ffmpeg, "-hide_banner", "-loglevel", "error", "-fflags", "nobuffer", "-flags", "low_delay",
+         "-probesize", "32", "-analyzeduration", "0", "-f", "ogg", "-i", "pipe:0",
+         "-ac", "1", "-ar", str(RATE), "-f", "s16le", "-flush_packets", "1", "pipe:1"],
+        env=dict(os.environ),
+    )  # fmt: skip
+    agent = Agent(reactor, pool=bench.http)
+    response = await agent.request(b"GET", f"{bench.daemon.url}/audio/{handle}.ogg".encode())
+    ogg = OggBody(decoder)
+    response.deliverBody(ogg)
+    opus: Any = await open_ws(reactor, bench.daemon.api_port, f"/audio/{handle}", pipe=PcmSocket)
+    # the VM's speaker: its null sink's monitor, read with pacat's lowest latency (the bench is root)
+    speaker = Decoder(clock=time.time)
+    pacat = shutil.which("pacat")
+    assert pacat is not None
+    reactor.spawnProcess(
+        speaker,
+        pacat,
+        [pacat, "--record", "-d", "vmsink.monitor", "--format=s16le", f"--rate={RATE}", "--channels=1",
+         "--latency-msec=5"],
+        env=dict(os.environ, PULSE_SERVER="unix:" + vm_pulse_socket(bench.daemon, handle)),
+    )  # fmt: skip
+    started, opus_start = time.monotonic(), opus.bytes
+    await task.deferLater(reactor, seconds, lambda: None)
+    elapsed = time.monotonic() - started
+    levels = await tab.js("b.levels")
+    page_onsets = [
+        t / 1000
+        for (t, level, _), (_, before, _) in zip(levels[1:], levels, strict=False)
+        if level > 0.1 and before < 0.05
+    ]
+    beeps = speaker.detector.onsets
+    print(f"  {len(beeps)} beeps heard at the VM's null sink (pacat on its monitor, 5 ms latency asked)")
+    line("VM speaker -> the page's worklet plays it", latencies(beeps, page_onsets))
+    line("  the page's jitter buffer meanwhile", [buffered for _, _, buffered in levels])
+    line("VM speaker -> .ogg listener (ffmpeg decode)", latencies(beeps, decoder.detector.onsets))
+    speaker.transport.signalProcess("KILL")
+    latency = await tab.js(
+        "[b.attachment.sound.context.outputLatency, b.attachment.sound.context.baseLatency]"
+    )
+    output, base = (seconds * 1000 for seconds in latency)
+    print(f"  (the worker page's own output latency on top: {output:.0f} + {base:.0f} ms)")
+    print(f"  Opus WebSocket listener: {(opus.bytes - opus_start) * 8 / elapsed / 1000:.1f} kbit/s payload")
+    extra = [
+        await open_ws(reactor, bench.daemon.api_port, f"/audio/{handle}", pipe=PcmSocket) for _ in range(8)
+    ]
+    await task.deferLater(reactor, 1.0, lambda: None)
+    with_listeners = await bench.controller_cpu()
+    for pipe in extra:
+        pipe.transport.loseConnection()
+    await task.deferLater(reactor, 1.0, lambda: None)
+    without = await bench.controller_cpu()
+    print(
+        f"  controller CPU: {without:.1f} % with 2 listeners, {with_listeners:.1f} % with 10: "
+        f"{(with_listeners - without) / 8:.2f} % of a core per listener"
+    )
+    opus.transport.loseConnection()
+    decoder.transport.signalProcess("KILL")
+    await bench.end(tab)
+    await bench.api("POST", f"/cancel-batch/{batch}")
+
+
+async def viewer_cpu(bench: DaemonBench) -> None:
+    print("controller CPU per console viewer (the VM shows a moving 200x200 box; viewers: noVNC pages)")
+    batch = await bench.batch("/anim.html")
+    await bench.ready(batch)
+    handle = await bench.api("POST", f"/lock/{batch}")
+    handle = handle["handle"] if isinstance(handle, dict) else handle
+    tabs: list[Any] = []
+    baseline = None
+    for viewers in (0, 1, 2, 4):
+        while len(tabs) < viewers:
+            tab = await bench.browser.open(
+                f"{bench.daemon.url}/static/worker.html?handle={handle}&view_only=1&audio=0"
+            )
+            await tab.until("window.worker && worker.state === 'connected'", "a viewer connects", 30)
+            tabs.append(tab)
+        await task.deferLater(reactor, 1.0, lambda: None)
+        cpu = await bench.controller_cpu()
+        if baseline is None:
+            baseline = cpu
+            print(f"  no viewer: {cpu:.1f} % of a core (the daemon's own work)")
+        else:
+            print(
+                f"  {viewers} viewer(s): {cpu:.1f} %, {(cpu - baseline) / viewers:.2f} % of a core per viewer"
+            )
+    for tab in tabs:
+        await bench.browser.cdp.call("Target.closeTarget", {"targetId": tab.target})
+    await bench.api("POST", f"/release/{handle}")
+    await bench.api("POST", f"/cancel-batch/{batch}")
+
+
+def vm_pulse_socket(daemon: Any, handle: str) -> str:
+    """The PulseAudio socket of the VM a handle holds (read from its pulseaudio's command line)."""
+    import re
+    import subprocess
+
+    from tests.integration.test_daemon_harness import IP
+
+    vmid = daemon.handle_status(handle)["vmid"]
+    namespace = daemon.record(daemon.vm_of(vmid)["serverId"])["network"]["namespace"]
+    pids = subprocess.run([IP, "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                found = re.search(rb"module-native-protocol-unix socket=([^ \x00]+)", f.read())
+        except OSError:
+            continue
+        if found:
+            return found.group(1).decode()
+    raise RuntimeError(f"no pulseaudio in {namespace}")
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+async def main_daemon(reactor_: Any, runs: int, parts: set[str] = DAEMON_PARTS) -> None:
+    import threading
+    from http.server import ThreadingHTTPServer
+    from pathlib import Path
+
+    from tests.console.headless import WorkerBrowser
+    from tests.integration.test_daemon_harness import Daemon
+    from tests.integration.test_worker_view import PAGES, VmSite, app_server
+
+    print(f"real daemon, local driver, browser VMs in namespaces; {load()} at the start")
+    workdir = tempfile.mkdtemp(prefix="vmcloud-bench-worker-")
+    app_port = free_port()
+    daemon = Daemon(
+        Path(workdir), "bench", pool_timeout_operation=60, api_cors_origins=f"http://127.0.0.1:{app_port}"
+    )
+    servers: list[Any] = []
+    browser = None
+    try:
+        daemon.start()
+        daemon.set_pool_size(2, 2)
+        daemon.wait_vms(FREE=2, timeout=120)
+        VmSite.pages = {**PAGES, **DAEMON_PAGES}
+        site = ThreadingHTTPServer((daemon.layout.bridge_ip, 0), VmSite)
+        app = app_server(daemon.api_port, app_port, BENCH_PAGE)
+        for server in (site, app):
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            servers.append(server)
+        browser = WorkerBrowser(reactor, os.path.join(workdir, "chromium"))
+        await browser.start()
+        bench = DaemonBench(daemon, f"http://{daemon.layout.bridge_ip}:{site.server_address[1]}",
+                            f"http://127.0.0.1:{app_port}", browser)  # fmt: skip
+        if "frames" in parts:
+            await first_frames(bench, runs)
+        if "keys" in parts:
+            await key_to_screen(bench, runs * 2)
+        if "sound" in parts:
+            await sound_delays(bench, 12.0)
+        if "viewers" in parts:
+            await viewer_cpu(bench)
+    finally:
+        print(f"{load()} at the end")
+        if browser is not None:
+            await browser.stop()
+        for server in servers:
+            server.shutdown()
+        daemon.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=20, help="console connections measured each way")
+    parser.add_argument(
+        "--daemon",
+        action="store_true",
+        help="a real daemon with browser VMs (root): lock -> first frame, key -> screen, sound delays",
+    )
+    parser.add_argument(
+        "--parts",
+        default=",".join(sorted(DAEMON_PARTS)),
+        help="with --daemon, what to measure: frames, keys, sound, viewers (comma-separated)",
+    )
     options = parser.parse_args()
-    task.react(lambda r: ensureDeferred(main(r, options.runs)))
+    if options.daemon:
+        parts = set(options.parts.split(","))
+        task.react(lambda r: ensureDeferred(main_daemon(r, options.runs, parts)))
+    else:
+        task.react(lambda r: ensureDeferred(main(r, options.runs)))
