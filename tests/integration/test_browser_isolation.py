@@ -122,7 +122,10 @@ class PerVmUserTests(TestCase):
         self.assertNotEqual(stolen.returncode, 0, "B read A's X cookie")
         profile = await deferToThread(as_uid, uid_b, ["ls", os.path.join(stack_a.run_dir, "chromium-1")])
         self.assertNotEqual(profile.returncode, 0, "B listed A's profile")
-        pulse = await deferToThread(as_uid, uid_b, ["ls", os.path.join(stack_a.run_dir, "pulse")])
+        socket_a = os.path.join(stack_a.run_dir, "pulse", "native")
+        own_sound = await deferToThread(as_uid, uid_a, ["test", "-w", socket_a])
+        self.assertEqual(own_sound.returncode, 0, "A's browser cannot reach its own PulseAudio socket")
+        pulse = await deferToThread(as_uid, uid_b, ["test", "-w", socket_a])
         self.assertNotEqual(pulse.returncode, 0, "B reached A's PulseAudio socket")
 
     def test_each_vms_browser_is_a_user_of_its_own(self) -> Deferred[None]:
