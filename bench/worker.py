@@ -4,6 +4,7 @@ Prints figures, asserts nothing, exits 0.  Run from the repository root (as root
 who may run PulseAudio)::
 
     .venv/bin/python bench/worker.py [--runs 20]
+    .venv/bin/python bench/worker.py --daemon [--runs 10] [--parts frames,keys,sound,viewers]
 
 Real parts on loopback: a TigerVNC ``Xvnc`` (VncAuth) as the VM's VNC server, a PulseAudio with
 the VM's null sink, the guest's audio server (``guest_agent.audio``: ffmpeg from the sink's
@@ -14,17 +15,28 @@ monitor), and the controller's console and audio proxies in a process of their o
    through the proxy and straight to Xvnc (the proxy's share is the difference);
 2. a viewer's message -> the server's answer: an 8x8 FramebufferUpdateRequest until its update,
    through the proxy and direct: the relay's share of any key -> screen change (Xvnc draws no
-   cursor for a raw client, and a bare X server has nothing that answers keys; the key -> screen
-   figure with a browser in the VM needs issue #9's VMs);
+   cursor for a raw client, and a bare X server has nothing that answers keys: ``--daemon`` measures
+   key -> screen with a browser in the VM);
 3. sound delay from the VM's speaker: this process writes beeps into the null sink with ``pacat``
    at known times; onset at a PCM WebSocket listener and at an ``.ogg`` HTTP listener decoded by
    ffmpeg as it arrives;
 4. bandwidth of one Opus WebSocket listener;
 5. controller CPU: per console viewer pulling frames as fast as it can, and per audio listener.
 
-What it does not measure: lock -> first frame on the worker page with a warm pool of real browser
-VMs (that needs the daemon with issue #9's VMs; ``tests/console/test_worker_page.py`` shows the
-page's path works in a headless Chromium).
+``--daemon`` (root: namespaces) measures with a real daemon on the local driver and real browser VMs
+(Xvnc, PulseAudio, Chromium in each), the worker being Debian's headless Chromium driven over CDP
+(``tests/console/headless.py``) on a page of another origin that locks through its backend and
+attaches with ``vmcloud.js`` (``tests/integration/test_worker_view.py``'s parts):
+
+6. lock -> first frame on the worker page with a warm pool (a READY VM waits): from the page's lock
+   call to the first frame drawn on its canvas (noVNC's display hooked at each flip);
+7. key -> screen change: a key pressed on the worker page until the canvas shows the VM's page
+   flipping its colour, on the page's own clock;
+8. sound: a VM page beeps; the VM's "speaker" is its null sink's monitor (``pacat``, 5 ms latency,
+   on the host's clock); onsets at the page's AudioWorklet (``onLevel`` every 5 ms) and at an
+   ``.ogg`` listener decoded by ffmpeg; Opus bandwidth; controller CPU per listener;
+9. controller CPU per console viewer: noVNC pages (the controller's worker.html, view only) on a VM
+   showing a moving box.  ``--parts frames,keys,sound,viewers`` picks some.
 """
 
 from __future__ import annotations
@@ -318,7 +330,7 @@ async def sound_figures(proxy: int, speaker: Speaker, child: int, guest_port: in
         ffmpeg,
         [ffmpeg, "-hide_banner", "-loglevel", "error", "-fflags", "nobuffer", "-flags", "low_delay",
          "-probesize", "32", "-analyzeduration", "0", "-f", "ogg", "-i", "pipe:0",
-         "-ac", "1", "-ar", str(RATE), "-f", "s16le", "pipe:1"],
+         "-ac", "1", "-ar", str(RATE), "-f", "s16le", "-flush_packets", "1", "pipe:1"],
         env=dict(os.environ),
     )  # fmt: skip
     agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
@@ -462,7 +474,7 @@ window.addEventListener("keydown", () => b.keys.push(performance.now()), true);
   b.attachment = await vm.attach(document.getElementById("screen"), {{
     audio: query.get("audio") === "1", levelMs: 5,
     onState: (state) => {{ b.state = state; mark(state); }},
-    onLevel: (report) => {{ b.levels.push([Date.now(), report.level, report.buffered]); }},
+    onLevel: (report) => {{ b.levels.push([Date.now(), report.level, report.buffered, report.dropped]); }},
   }});
   const display = b.attachment.rfb._display, flip = display.flip.bind(display);
   let last = null;
@@ -624,13 +636,19 @@ async def sound_delays(bench: DaemonBench, seconds: float) -> None:
     levels = await tab.js("b.levels")
     page_onsets = [
         t / 1000
-        for (t, level, _), (_, before, _) in zip(levels[1:], levels, strict=False)
+        for (t, level, *_), (_, before, *_) in zip(levels[1:], levels, strict=False)
         if level > 0.1 and before < 0.05
     ]
     beeps = speaker.detector.onsets
     print(f"  {len(beeps)} beeps heard at the VM's null sink (pacat on its monitor, 5 ms latency asked)")
     line("VM speaker -> the page's worklet plays it", latencies(beeps, page_onsets))
-    line("  the page's jitter buffer meanwhile", [buffered for _, _, buffered in levels])
+    line("  the page's jitter buffer meanwhile", [buffered for _, _, buffered, _ in levels])
+    tenth = max(1, len(levels) // 10)
+    trend = [
+        statistics.median(b for _, _, b, _ in levels[i : i + tenth]) for i in range(0, len(levels), tenth)
+    ]
+    print("    its median by tenths of the time: " + " ".join(f"{b:.0f}" for b in trend) + " ms")
+    print(f"    the worklet skipped {levels[-1][3] / RATE * 1000:.0f} ms of sound to keep it there")
     line("VM speaker -> .ogg listener (ffmpeg decode)", latencies(beeps, decoder.detector.onsets))
     speaker.transport.signalProcess("KILL")
     latency = await tab.js(
@@ -713,7 +731,9 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-async def main_daemon(reactor_: Any, runs: int, parts: set[str] = DAEMON_PARTS) -> None:
+async def main_daemon(
+    reactor_: Any, runs: int, parts: set[str] = DAEMON_PARTS, sound_seconds: float = 12.0
+) -> None:
     import threading
     from http.server import ThreadingHTTPServer
     from pathlib import Path
@@ -749,7 +769,7 @@ async def main_daemon(reactor_: Any, runs: int, parts: set[str] = DAEMON_PARTS) 
         if "keys" in parts:
             await key_to_screen(bench, runs * 2)
         if "sound" in parts:
-            await sound_delays(bench, 12.0)
+            await sound_delays(bench, sound_seconds)
         if "viewers" in parts:
             await viewer_cpu(bench)
     finally:
@@ -775,9 +795,10 @@ if __name__ == "__main__":
         default=",".join(sorted(DAEMON_PARTS)),
         help="with --daemon, what to measure: frames, keys, sound, viewers (comma-separated)",
     )
+    parser.add_argument("--sound-seconds", type=float, default=12.0, help="with --daemon: how long to listen")
     options = parser.parse_args()
     if options.daemon:
         parts = set(options.parts.split(","))
-        task.react(lambda r: ensureDeferred(main_daemon(r, options.runs, parts)))
+        task.react(lambda r: ensureDeferred(main_daemon(r, options.runs, parts, options.sound_seconds)))
     else:
         task.react(lambda r: ensureDeferred(main(r, options.runs)))
