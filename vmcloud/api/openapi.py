@@ -442,10 +442,12 @@ def openapi_document() -> dict[str, Any]:
             },
             "/metrics": {
                 "get": _operation(
-                    "Prometheus metrics (text format 0.0.4), derived from all-status.",
+                    "Prometheus metrics, read from all-status at each scrape: the text format 0.0.4, or"
+                    " OpenMetrics 1.0 when the scraper's Accept asks for it; seconds, full precision.",
                     {
                         "200": {
-                            "description": "Gauges: VMs per state, batches, handles, pending locks.",
+                            "description": "VMs per state, pool size, batches, handles, pending locks,"
+                            " cloud health, reconciler passes.",
                             "content": {TEXT: {"schema": {"type": "string"}}},
                         },
                         **_errors("401", "500"),
