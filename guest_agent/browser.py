@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from vmcloud.pool.interfaces import Cookie
+from vmcloud.words.cookies import Cookie
 
 #: Called for every page event: ``{"action": "page-load", "url", "title", "tab"}`` (``tab`` only from
 #: a real browser), ``{"action": "page-error", "url", "error", ...}``, ``{"action": "browser-restarted",

@@ -18,7 +18,7 @@ from guest_agent.browser import (
     NoBrowser,
     check_prepare_request,
 )
-from vmcloud.pool.interfaces import Cookie
+from vmcloud.words.cookies import Cookie
 
 HOME = "https://crowd.example/task?id=7"
 COOKIE = {

@@ -14,6 +14,9 @@ from typing import Any
 import attrs
 from zope.interface import Attribute, Interface
 
+# The cookie is shared with the guest, so it lives with the words; named here too, as a seam record.
+from vmcloud.words.cookies import Cookie as Cookie
+
 # --------------------------------------------------------------------------- cloud
 
 
@@ -225,17 +228,6 @@ class BatchCancelled(PoolError):
 class ShuttingDown(PoolError):
     status = 409
     code = "shutting-down"
-
-
-@attrs.frozen
-class Cookie:
-    name: str
-    value: str
-    domain: str | None = None
-    path: str = "/"
-    secure: bool = False
-    http_only: bool = False
-    expires: float | None = None  # seconds since the epoch
 
 
 @attrs.frozen
