@@ -23,14 +23,11 @@ Errors are ``{"error": "<code>", "message": "<text>"}`` with 400/404/405.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from vmcloud.novasim.exchange import Handler, Reply, Routes, SimRequest
-from vmcloud.novasim.faults import FaultRule
-from vmcloud.novasim.model import BootRule, CloudSettings
-
-if TYPE_CHECKING:
-    from vmcloud.novasim.simulator import Simulator
+from vmcloud.novasim.faults import FaultInjector, FaultRule
+from vmcloud.novasim.model import BootRule, CloudSettings, NovaCloud, ServerView
 
 _FLOATS = frozenset({"build_seconds", "delete_seconds"})
 _INTS = frozenset({"quota_instances", "quota_cores", "quota_ram", "max_limit"})
@@ -91,10 +88,37 @@ def settings_changes(data: Mapping[str, Any]) -> dict[str, Any]:
     return changes
 
 
-class ControlApi:
-    """``/_sim/...`` over a :class:`Simulator`."""
+class Steerable(Protocol):
+    """What the control API reads and steers; :class:`~vmcloud.novasim.simulator.Simulator` is one.
 
-    def __init__(self, sim: Simulator) -> None:
+    Named here, by its user, so that the simulator imports the control API and not the other way
+    round (issue #12: no import cycles).
+    """
+
+    cloud: NovaCloud
+    faults: FaultInjector
+
+    @property
+    def auth_url(self) -> str: ...
+
+    @property
+    def compute_url(self) -> str: ...
+
+    def servers(self) -> list[ServerView]: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    def reset_counters(self) -> None: ...
+
+    def configure(self, **changes: object) -> CloudSettings: ...
+
+    def revoke_tokens(self) -> int: ...
+
+
+class ControlApi:
+    """``/_sim/...`` over a :class:`Steerable` (the simulator)."""
+
+    def __init__(self, sim: Steerable) -> None:
         self.sim = sim
         routes: Routes[Handler] = Routes()
         routes.add("GET", "/_sim", self._index)
