@@ -1,7 +1,8 @@
 """The controller's configuration: an INI file and command-line flags turned into one frozen record.
 
-Parsing is a pure function of text and flags so that tests (and ``--check-config``) can exercise every
-rule without a reactor, a file system or the environment.  Precedence: flags > file > defaults.
+Parsing is a pure function of text and flags so that tests (and ``twistd vmcloud``'s option parsing,
+which refuses a bad file before anything starts) can exercise every rule without a reactor, a file
+system or the environment.  Precedence: flags > file > defaults.
 Unknown sections and keys are errors: a typo in a config file must not silently fall back to a
 default an operator did not choose.
 """

@@ -4,7 +4,8 @@ survives broker restarts (:class:`ReconnectingSession`).
 The guest agent uses it to reach the controller's broker, and the controller uses it when
 ``[broker] external`` names another broker (RabbitMQ's STOMP plugin).  Both see it only as an
 :class:`~vmcloud.stomp.session.IStompSession`: send, subscribe, unsubscribe.  Frames go through
-our own codec (stomper cannot carry binary bodies, see STOMP.md).
+our own codec: stomper (0.4.3) cannot carry binary bodies (it packs ``bytes`` as their repr and
+never sets content-length).
 
 The protocol speaks what a 1.2 client must: CONNECT with ``accept-version``, ``host``, login and
 heart-beats; SUBSCRIBE/UNSUBSCRIBE with ids; RECEIPTs; ERROR frames (logged with the broker's

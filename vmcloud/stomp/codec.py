@@ -2,8 +2,9 @@
 
 Bytes go in, :class:`~vmcloud.stomp.frame.Frame` records come out; nothing here touches a socket,
 a reactor or a clock, so the broker, the controller's client and the guest agent share it and test
-it with plain bytes.  stomper cannot be used on the receive path (it destroys bodies and chokes on
-heart-beats, see STOMP.md), hence this module.
+it with plain bytes.  stomper (0.4.3) cannot be used on the receive path, hence this module: its
+parser joins a body's lines, drops NULs and ignores content-length, and its buffer takes only
+``str`` and loses the frame after a heart-beat.
 
 The decoder is strict where a broker facing misbehaving guests must be (bad escapes, limits,
 content-length/NUL mismatch raise :class:`ProtocolError`) and lenient where real clients deviate
