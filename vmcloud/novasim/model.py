@@ -18,7 +18,7 @@ import random
 import re
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -655,10 +655,6 @@ class NovaCloud:
             raise not_found("Metadata item was not found")
         del server.metadata[key]
         server.updated = self.clock.seconds()
-
-    def iter_servers(self) -> Iterator[SimServer]:
-        """Live servers, oldest first (for the control API and tests)."""
-        return (self._servers[sid] for _, sid in self._order)
 
 
 MAX_METADATA_ITEMS = 128

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Mapping
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -284,7 +283,3 @@ def version_document(base_url: str) -> dict[str, object]:
             ],
         }
     }
-
-
-def metadata_body(metadata: Mapping[str, str]) -> dict[str, object]:
-    return {"metadata": dict(metadata)}

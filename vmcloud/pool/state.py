@@ -162,10 +162,6 @@ class PoolState:
         """OCCUPIED VMs whose handle is gone: each wants a CLEANUP."""
         return self._released
 
-    def vm_by_server(self, server_id: str) -> VM | None:
-        vmid = self._by_server.get(server_id)
-        return None if vmid is None else self.vms.get(vmid)
-
     def vm_by_identity(self, identity: str) -> VM | None:
         vmid = self._by_identity.get(identity)
         return None if vmid is None else self.vms.get(vmid)

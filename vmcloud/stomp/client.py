@@ -99,7 +99,6 @@ class StompClientProtocol(Protocol):
         self._ids = itertools.count(1)
         self._beats: list[LoopingCall] = []
         self._last_received = 0.0
-        self._last_sent = 0.0
         self._closing_call: IDelayedCall | None = None
 
     # ------------------------------------------------------------------ Twisted's side
@@ -280,7 +279,6 @@ class StompClientProtocol(Protocol):
     def _send_heartbeat(self) -> None:
         if self.transport is not None:
             self.transport.write(HEARTBEAT)
-            self._last_sent = self._clock.seconds()
 
     def _check_heartbeat(self, interval: float) -> None:
         silent = self._clock.seconds() - self._last_received
@@ -297,7 +295,6 @@ class StompClientProtocol(Protocol):
     def _write(self, frame: Frame) -> None:
         assert self.transport is not None
         self.transport.write(encode(frame, self.version))
-        self._last_sent = self._clock.seconds()
 
     def _require_connected(self) -> None:
         if not self.is_connected or self.transport is None:

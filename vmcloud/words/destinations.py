@@ -31,11 +31,6 @@ def identity_from_mac(mac: str) -> str:
     return mac.strip().lower().replace(":", "-")
 
 
-def is_controller_destination(destination: str) -> bool:
-    """Whether a guest may send to ``destination``."""
-    return destination == CONTROLLER or destination.startswith(CONTROLLER + ".")
-
-
 #: Header the embedded broker stamps on every message a guest sends, with the STOMP login the guest
 #: authenticated with (replacing any value the guest wrote).  The controller trusts it over the
 #: ``identity`` a guest claims.  Not ``user-id``: RabbitMQ fills that with the shared account's name,
