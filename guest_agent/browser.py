@@ -1,11 +1,12 @@
 """The browser seam of the guest agent (issue #3): prepare a browser for a worker, clean it after.
 
-The agent drives whatever :class:`IBrowser` it was given.  The real stack (Chromium over CDP, Xvnc,
-audio capture; see GUEST-STACK.md) lands later; until then :class:`NoBrowser` stands in.  It does
-everything the controller can observe except show pages: it checks the request exactly as a real
-browser would, remembers it, announces the capability ``no-browser`` so the controller (and an
-operator reading /all-status) knows, and reports one page-load event for the home page, so the
-event path guest → controller → handle → fetch-events is exercised end to end.
+The agent drives whatever :class:`IBrowser` it was given: the real stack (Chromium over CDP, Xvnc,
+audio capture: :mod:`guest_agent.chromium`, :mod:`guest_agent.stack`) where it is installed, else, or
+with ``browser = none``, :class:`NoBrowser`.  NoBrowser does everything the controller can observe
+except show pages: it checks the request exactly as a real browser would, remembers it, announces
+the capability ``no-browser`` so the controller (and an operator reading /all-status) knows, and
+reports one page-load event for the home page, so the event path guest → controller → handle →
+fetch-events is exercised end to end.
 
 Requests are validated here, not only in the words, because a browser acts on them: a cookie
 without a name or a ``javascript:`` home page must become a clear refusal
