@@ -16,7 +16,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
-from vmcloud.console.audio import LINGER, RETRY, AudioHub, AudioSource, OggResponse
+from vmcloud.console.audio import (
+    CLOSE_NO_AUDIO,
+    GIVE_UP_AFTER,
+    LINGER,
+    RETRY,
+    AudioHub,
+    AudioSource,
+    OggResponse,
+)
 from vmcloud.console.ogg import FIRST, OggPage
 from vmcloud.console.registry import AccessRegistry
 from vmcloud.console.targets import Target, handle_key
@@ -176,6 +184,17 @@ class AudioSourceTests(SynchronousTestCase):
         assert again.body is not None
         again.body.dataReceived(HEADERS)
         assert first.begun == 1  # told the (new) format
+
+    def test_a_capture_that_never_comes_back_closes_its_listeners(self) -> None:
+        _, first, response = self.start()
+        assert response.body is not None
+        response.body.connectionLost(Failure(ResponseDone()))
+        for n in range(1, GIVE_UP_AFTER):
+            self.clock.advance(RETRY[min(n - 1, len(RETRY) - 1)])
+            assert len(self.agent.requests) == n + 1
+            self.agent.answer(FakeResponse(503))
+        assert first.ended is not None and first.ended[0] == CLOSE_NO_AUDIO
+        assert self.hub.sources == {} and not self.clock.getDelayedCalls()
 
     def test_garbage_from_the_guest_restarts_the_capture(self) -> None:
         _, _, response = self.start()

@@ -74,6 +74,10 @@ PCM_FORMAT = {"type": "format", "codec": "pcm", "encoding": "s16le", "sampleRate
 _PCM_FRAME = 2
 #: Close code when the capture could not be (re)started for too long.
 CLOSE_NO_AUDIO = 4002
+#: Failures in a row after which a capture gives up and its listeners are closed with
+#: :data:`CLOSE_NO_AUDIO` (with :data:`RETRY`, about 40 s without sound): a guest whose sound
+#: server is gone for good (no PulseAudio, audio off) is not dialled every 10 s for ever.
+GIVE_UP_AFTER = 8
 
 
 class Listener(typing.Protocol):
@@ -252,6 +256,13 @@ class AudioSource:
         )
         if not self.listeners:
             self._finish("capture failed with no listener")
+            return
+        if self._failures >= GIVE_UP_AFTER:
+            reason = f"no sound from the VM after {self._failures} tries ({why})"
+            for listener in list(self.listeners):
+                listener.end(CLOSE_NO_AUDIO, reason)
+            self.listeners.clear()
+            self._finish(reason)
             return
         self._retry_call = self.hub.clock.callLater(delay, self._restart)
 
