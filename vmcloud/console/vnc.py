@@ -205,20 +205,10 @@ class ConsoleViewer(WebSocketServerProtocol):
         socket(self._vnc).write(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802, N803
-        if not self._ended:
-            self._ended = True
-            log.info(
-                "Console of {who} closed by the viewer (code {code}); {sent} bytes sent, {received} received",
-                who=self.ticket.who,
-                code=code,
-                sent=self.relayed_out,
-                received=self.relayed_in,
-                event="console-close",
-            )
-        self._cut_vnc()
+        self._close_down(f"closed by the viewer (code {code})")
+        self._cut_vnc()  # again: the VNC connection may have come up while our close was under way
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
-        self.factory.registry.discard(self.ticket.target.key, self)
 
     def revoke(self, reason: str) -> None:
         """Access ended (release, expiry, VM death): close now, drop if the viewer does not answer."""
@@ -290,8 +280,20 @@ class ConsoleViewer(WebSocketServerProtocol):
 
     def _end(self, code: int, reason: str) -> None:
         """Close the WebSocket with ``code`` and cut the VNC connection; idempotent."""
-        if self._ended:
+        if not self._close_down(reason):
             return
+        # a close reason is at most 123 bytes of UTF-8
+        self.sendClose(code, reason.encode("utf-8")[:123].decode("utf-8", "ignore"))
+        socket(self).resumeProducing()  # let the viewer's close answer in
+        self._deadline = self.factory.clock.callLater(CLOSE_GRACE, self._drop)
+
+    def _close_down(self, reason: str) -> bool:
+        """The viewer's end, whoever closes: one log line, the VNC side cut, out of the registry.
+
+        False when it had already ended (the other side's close follows ours, or the reverse).
+        """
+        if self._ended:
+            return False
         self._ended = True
         log.info(
             "Console of {who} closed: {reason}; {sent} bytes sent, {received} received",
@@ -303,10 +305,7 @@ class ConsoleViewer(WebSocketServerProtocol):
         )
         self._cut_vnc()
         self.factory.registry.discard(self.ticket.target.key, self)
-        # a close reason is at most 123 bytes of UTF-8
-        self.sendClose(code, reason.encode("utf-8")[:123].decode("utf-8", "ignore"))
-        socket(self).resumeProducing()  # let the viewer's close answer in
-        self._deadline = self.factory.clock.callLater(CLOSE_GRACE, self._drop)
+        return True
 
     def _drop(self) -> None:
         self._deadline = None
