@@ -9,10 +9,6 @@ browser download): the browser is the system's.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
 from typing import Any
 
 import attrs
@@ -21,9 +17,6 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
@@ -31,7 +24,7 @@ from twisted.web.server import Site
 from twisted.web.static import File
 
 from guest_agent.audio import AudioServer
-from guest_agent.cdp import CdpConnection, connect, read_devtools_port
+from tests.console.headless import CHROMIUM, WorkerBrowser
 from tests.console.support import XDOTOOL, XVNC, Xvnc, wait_until
 from tests.console.test_audio_live import FFMPEG, SINE
 from tests.integration.conftest import free_port
@@ -42,25 +35,10 @@ from vmcloud.api.site import ApiSite
 from vmcloud.console.proxies import build_proxies
 from vmcloud.pool.interfaces import BatchOptions
 
-CHROMIUM = next(
-    (p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium")) if p and os.path.exists(p)), None
-)
 STATIC = FilePath(__file__).parent().parent().parent().child("static")
 pytestmark = pytest.mark.skipif(
     None in (CHROMIUM, XVNC, FFMPEG, XDOTOOL), reason="needs chromium, Xvnc, ffmpeg and xdotool"
 )
-
-
-class _Browser(ProcessProtocol):
-    def __init__(self) -> None:
-        self.ended: Deferred[None] = Deferred()
-        self.err = b""
-
-    def errReceived(self, data: bytes) -> None:
-        self.err = (self.err + data)[-4000:]
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(None)
 
 
 class WorkerPageTests(TestCase):
@@ -117,71 +95,27 @@ class WorkerPageTests(TestCase):
         self.addCleanup(lambda: ensureDeferred(self._wind_down()))
 
     async def _start_browser(self) -> None:
-        assert CHROMIUM is not None
-        profile = FilePath(self.mktemp())
-        profile.makedirs()
-        argv = [
-            CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--mute-audio",
-            "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={profile.path}",
-            "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank",
-        ]  # fmt: skip
-        self.browser = _Browser()
-        self.browser_process = reactor.spawnProcess(self.browser, CHROMIUM, argv, env=dict(os.environ))
-        active = profile.child("DevToolsActivePort")
-
-        def ready() -> bool:
-            try:
-                read_devtools_port(active.getContent().decode())
-                return True
-            except (OSError, ValueError):
-                return False
-
-        await wait_until(reactor, ready, 30, "Chromium's DevTools port")
-        self.cdp: CdpConnection = await connect(reactor, read_devtools_port(active.getContent().decode()))
-        target = await self.cdp.call("Target.createTarget", {"url": "about:blank"})
-        attached = await self.cdp.call(
-            "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
-        )
-        self.session = attached["sessionId"]
+        self.browser = WorkerBrowser(reactor, self.mktemp())
+        await self.browser.start()
+        self.tab = await self.browser.open()
 
     async def _wind_down(self) -> None:
-        if not self.browser.ended.called:
-            self.browser_process.signalProcess(signal.SIGKILL)
-        await self.browser.ended
-        self.cdp.close()
-        await deferLater(reactor, 0.3)  # autobahn's batched timers (0.2 s buckets) run out
+        await self.browser.stop()
         for member in list(self.registry._members):
             self.registry.end(member, "test over")
         self.guest.close_all()
         await wait_until(reactor, lambda: not self.guest.streams, 5, "the guest's encoders ended")
 
     async def js(self, expression: str) -> Any:
-        answer = await self.cdp.call(
-            "Runtime.evaluate",
-            {"expression": expression, "awaitPromise": True, "returnByValue": True},
-            self.session,
-        )
-        if "exceptionDetails" in answer:
-            raise AssertionError(f"{expression}: {json.dumps(answer['exceptionDetails'])[:800]}")
-        return answer["result"].get("value")
+        return await self.tab.js(expression)
 
     async def until(self, expression: str, what: str, timeout: float = 15) -> Any:
-        deadline = reactor.seconds() + timeout
-        while True:
-            value = await self.js(expression)
-            if value:
-                return value
-            if reactor.seconds() > deadline:
-                state = await self.js(
-                    "JSON.stringify(window.worker && {state: worker.state, level: worker.level})"
-                )
-                raise AssertionError(f"not within {timeout} s: {what} (page: {state})")
-            await deferLater(reactor, 0.1)
+        explain = "window.worker && {state: worker.state, level: worker.level}"
+        return await self.tab.until(expression, what, timeout, explain)
 
     def test_screen_pointer_sound_and_release(self) -> Deferred[None]:
         async def run() -> None:
-            await self.cdp.call("Page.navigate", {"url": self.page_url}, self.session)
+            await self.tab.navigate(self.page_url)
             await self.until("window.worker && window.worker.state === 'connected'", "the screen connects")
             # pixel check: noVNC's canvas shows the VM's white root window
             centre = (
@@ -198,9 +132,7 @@ class WorkerPageTests(TestCase):
                 " return [r.left, r.top, r.width, r.height]; })()"
             )
             x, y = box[0] + box[2] * 0.25, box[1] + box[3] * 0.5
-            await self.cdp.call(
-                "Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y}, self.session
-            )
+            await self.tab.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
             await wait_until(
                 reactor, lambda: abs(self.xvnc.pointer()[0] - 160) <= 3, 10, "the VM's pointer moved"
             )
