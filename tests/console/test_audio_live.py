@@ -49,7 +49,9 @@ class _Messages(WsPipe):
             self.texts.append(json.loads(payload))
 
 
-class _Body(Protocol):
+class Body(Protocol):
+    """A response body, gathered whole; ``done`` fires when it ends."""
+
     def __init__(self) -> None:
         self.data = b""
         self.done: Deferred[None] = Deferred()
@@ -120,11 +122,11 @@ class AudioRelayTests(TestCase):
         self.addCleanup(lambda: pipe.transport and pipe.transport.abortConnection())
         return pipe  # type: ignore[no-any-return]
 
-    async def _stream(self) -> tuple[Any, _Body]:
+    async def _stream(self) -> tuple[Any, Body]:
         response = await self.agent.request(b"GET", f"http://127.0.0.1:{self.port}/audio/H1.ogg".encode())
         assert response.code == 200
         assert response.headers.getRawHeaders(b"content-type") == [b"audio/ogg"]
-        body = _Body()
+        body = Body()
         response.deliverBody(body)
         self.addCleanup(lambda: body.transport and body.transport.stopProducing())
         return response, body

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import struct
-import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,7 +37,6 @@ import pytest
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
@@ -46,6 +44,8 @@ from twisted.web.client import HTTPConnectionPool
 from guest_agent.audio import find_encoder
 from guest_agent.stack import find_stack
 from tests.console.headless import CHROMIUM, Tab, WorkerBrowser
+from tests.console.test_audio_live import Body
+from tests.console.test_audio_live import decode as decode_pcm
 from tests.integration.conftest import free_port
 from tests.integration.test_daemon_harness import NEEDS_NETNS, Daemon, netns_available, running_daemon
 from tests.integration.vmcloud_daemon import http_call
@@ -73,7 +73,6 @@ if _why is not None:
         raise RuntimeError(f"CI must run the worker's view tests: {_why}")
     pytestmark = pytest.mark.skip(reason=_why)
 
-FFMPEG = find_encoder()[0]
 GREEN, BLUE = [0, 255, 0], [0, 0, 255]
 BEEP_HZ = 1000
 
@@ -258,28 +257,9 @@ WS_HEADERS = {
 }
 
 
-class _Body(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.done: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.done.callback(None)
-
-
 def decode(ogg: bytes) -> list[int]:
     """Mono 48 kHz samples of an Ogg/Opus stream, as ffmpeg decodes it (fails on a broken stream)."""
-    assert FFMPEG is not None
-    result = subprocess.run(
-        [FFMPEG, "-hide_banner", "-loglevel", "error", "-xerror", "-f", "ogg", "-i", "pipe:0",
-         "-ac", "1", "-ar", "48000", "-f", "s16le", "pipe:1"],
-        input=ogg, capture_output=True, timeout=30,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    pcm = result.stdout
+    pcm = decode_pcm(ogg)
     return list(struct.unpack(f"<{len(pcm) // 2}h", pcm[: len(pcm) // 2 * 2]))
 
 
@@ -445,7 +425,7 @@ class WorkerViewTests(TestCase):
             )
             assert response.code == 200
             assert response.headers.getRawHeaders("content-type") == ["audio/ogg"]
-            ogg = _Body()
+            ogg = Body()
             response.deliverBody(ogg)
             self.addCleanup(lambda: ogg.transport and ogg.transport.stopProducing())
             await deferLater(reactor, 4.0)  # three or four beeps
