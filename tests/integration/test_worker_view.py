@@ -428,14 +428,19 @@ class WorkerViewTests(TestCase):
             ogg = Body()
             response.deliverBody(ogg)
             self.addCleanup(lambda: ogg.transport and ogg.transport.stopProducing())
-            await deferLater(reactor, 4.0)  # three or four beeps
+            # the page's AudioWorklet heard the beeps: onsets a second apart (the VM page's own idea of
+            # when it plays is too rough for more; bench/worker.py measures the delay at the VM's sink).
+            # Looked at until three or four beeps came (how soon the first plays varies with the load).
+            deadline = reactor.seconds() + 15
+            while True:
+                await deferLater(reactor, 0.5)
+                levels = await app.js("app.levels")
+                onsets = [t for (t, level), (_, before) in zip(levels[1:], levels, strict=False)
+                          if level > 0.1 and before < 0.05]  # fmt: skip
+                if len(onsets) >= 3 or reactor.seconds() > deadline:
+                    break
             [report] = VmSite.beeps
             assert report["state"] == "running", report  # the VM's browser plays without a gesture
-            # the page's AudioWorklet heard the beeps: onsets a second apart (the VM page's own idea of
-            # when it plays is too rough for more; bench/worker.py measures the delay at the VM's sink)
-            levels = await app.js("app.levels")
-            onsets = [t for (t, level), (_, before) in zip(levels[1:], levels, strict=False)
-                      if level > 0.1 and before < 0.05]  # fmt: skip
             assert len(onsets) >= 2, levels[-200:]
             assert all(900 < b - a < 1100 for a, b in itertools.pairwise(onsets)), onsets
             # the phone's stream decodes to the same beeps: a 1 kHz tone in about 30 % of the time
