@@ -24,7 +24,7 @@ from twisted.web.http_headers import Headers
 
 from guest_agent.audio import AudibleBrowser, find_encoder
 from tests.console.support import wait_until
-from tests.console.test_audio_live import FFMPEG, SINE, _Body
+from tests.console.test_audio_live import FFMPEG, SINE, Body
 
 pytestmark = pytest.mark.skipif(FFMPEG is None, reason="needs ffmpeg")
 
@@ -174,7 +174,7 @@ class AudibleBrowserTests(TestCase):
         async def run() -> None:
             await self.browser.prepare("http://x/", [], (800, 600), True, vnc_password="first111")
             response = await self.get("first111")
-            body = _Body()
+            body = Body()
             response.deliverBody(body)
             await wait_until(reactor, lambda: len(body.data) > 1000, 10, "the stream flows")
             await self.browser.prepare("http://x/", [], (800, 600), True, vnc_password="second22")

@@ -18,7 +18,7 @@ from twisted.web.server import Site
 
 from guest_agent.audio import AudioServer
 from tests.console.support import XVNC, Xvnc, open_ws, read_frame, rfb_handshake, wait_until
-from tests.console.test_audio_live import FFMPEG, SINE, _Body
+from tests.console.test_audio_live import FFMPEG, SINE, Body
 from tests.integration.conftest import free_port
 from tests.pool.fakes import World
 from tests.pool.test_service import HOME
@@ -112,7 +112,7 @@ class MountedProxiesTests(TestCase):
                 b"GET", f"http://127.0.0.1:{self.port}/audio/{self.handle}.ogg".encode()
             )
             assert response.code == 200
-            body = _Body()
+            body = Body()
             response.deliverBody(body)
             await wait_until(reactor, lambda: len(body.data) > 2000, 10, "the Ogg stream flows")
 
