@@ -11,7 +11,7 @@ ffplay.
 ``GET /audio.ogg``: Ogg/Opus, 48 kHz stereo, 64 kbit/s CBR, 20 ms frames, one page per frame
 (``-page_duration 20000 -flush_packets 1``: ffmpeg's default 1 s pages would add a second of
 latency).  ``GET /audio.pcm``: s16le, 48 kHz mono, for browsers without WebCodecs.  Each request
-runs its own ffmpeg (``-f pulse`` from ``vmsink.monitor``, see GUEST-STACK.md §4), killed when the
+runs its own ffmpeg (``-f pulse`` from ``vmsink.monitor``, the null sink's monitor), killed when the
 request ends.  The request must carry ``Authorization: Bearer <session VNC password>``: without a
 session (a FREE VM) nothing is served, and :meth:`AudioServer.close_all` ends every stream at
 CLEANUP, as the VNC connections are.
@@ -46,7 +46,7 @@ log = Logger()
 
 #: The VM's audio capture server's port on its address (the controller dials it).
 AUDIO_PORT = 5901
-#: What ffmpeg reads by default: the PulseAudio null sink's monitor (GUEST-STACK.md §4).
+#: What ffmpeg reads by default: the PulseAudio null sink's monitor.
 PULSE_SOURCE = ("-f", "pulse", "-fragment_size", "1920", "-i", "vmsink.monitor")
 #: Streams served at once (the controller needs one per format per handle).
 MAX_STREAMS = 4

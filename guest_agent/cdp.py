@@ -1,6 +1,6 @@
 """A thin Chrome DevTools Protocol client: one browser-level WebSocket, flattened sessions.
 
-Why our own: no Twisted-native CDP library exists (GUEST-STACK.md §2); pychrome uses threads,
+Why our own: no Twisted-native CDP library exists; pychrome uses threads,
 the others asyncio.  CDP is JSON-RPC over one WebSocket, so the client is small:
 
 - :class:`CdpConnection` is the protocol without I/O: it numbers requests, matches answers to

@@ -1,7 +1,7 @@
 """The processes of a browser VM: Xvnc (display + VNC server), PulseAudio, Chromium.
 
 This module knows how to find, start, watch and end them; :mod:`guest_agent.chromium` decides
-when.  What it settles, with the reasons (measured in GUEST-STACK.md):
+when.  What it settles, with the reasons:
 
 - **Xvnc** is the X server and the VNC server in one process, so nothing scrapes a framebuffer.
   ``-displayfd`` lets it pick a free display: X sockets in ``/tmp/.X11-unix`` are shared by every

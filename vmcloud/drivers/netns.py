@@ -3,7 +3,7 @@
 As root, the local driver gives every VM what a cloud gives a server: its own network stack, one
 interface with a stable locally-administered MAC and an IP, reachable from the host but not from the
 other VMs.  That keeps the guest agent identical on Nova and on a laptop (it identifies itself by
-MAC).  The recipe is the one measured in GUEST-STACK.md section 5::
+MAC).  The recipe, step by step::
 
     ip link add BR type bridge; ip addr add 10.251.0.1/24 dev BR; ip link set BR up
     ip netns add NS

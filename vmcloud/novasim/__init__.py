@@ -4,7 +4,7 @@ For tests and for trying vmcloud's Nova path without a cloud: servers go through
 cycle on an injectable clock, with quota, capacity, boot outcomes, error injection and request
 counters.  In-process use goes through :class:`~vmcloud.novasim.simulator.Simulator`; the command
 ``python -m vmcloud.novasim --port 8774`` runs one on its own (see ``__main__``).  Shapes and
-messages follow the real nova-api's captures (``NOVA.md``, ``nova-golden.jsonl``), kept honest by
+messages follow captures of the real nova-api and python-novaclient, replayed and kept honest by
 ``tests/novasim/test_contract.py``.
 """
 
