@@ -61,7 +61,7 @@ TITLE_BINDING = "__vmcloudTitle"
 
 #: Runs in every new document of a watched tab, before the page's own scripts: tells the title at
 #: once and whenever it changes.  The browser's own ``Target.targetInfoChanged`` says a new title
-#: only seconds later (measured: 2 s), too late to merge it into its page's event.
+#: only seconds later, too late to merge it into its page's event.
 TITLE_SCRIPT = (
     "(() => { if (window !== window.top) return; let last = null;"
     " const check = () => { const t = document.title;"
@@ -494,9 +494,8 @@ class ChromiumBrowser(Service):
     async def _start(self, *, spare: bool = True) -> None:
         """Chromium afresh (and whatever else of the stack is down), listened to, with a spare window.
 
-        The spare is also the warm-up: a new Chromium's first context and window cost about a
-        second more than the later ones (measured: 1.2 s against 0.3-0.4 s), and a FREE VM pays
-        it before anyone waits.
+        The spare is also the warm-up: a new Chromium's first context and window cost
+        several times what the later ones do, and a FREE VM pays it before anyone waits.
         """
         self._forget_browser()
         cdp = await self.stack.start()

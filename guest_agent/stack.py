@@ -66,11 +66,11 @@ CHROMIUM_FLAGS = (
     "--disable-default-apps",
     # Services a VM has no use for; and the omnibox's suggestion popup drawn natively rather than
     # by WebUI pages Chromium keeps loaded in renderers of their own, two per window (the worker
-    # sees the same suggestions): about 75 MiB PSS less per idle VM (measured, bench/browser.py).
+    # sees the same suggestions).  What each flag saves per idle VM: README, "The browser VM".
     "--disable-features=Translate,MediaRouter,OptimizationHints,DialMediaRouteProvider,"
     "WebUIOmniboxPopup,WebUIOmniboxAimPopup,WebUIOmniboxFullPopup",
-    # The network service in the browser process, not a utility process of its own: about 15 MiB
-    # PSS less per VM.  A crash of it takes the browser down, which the agent repairs anyway.
+    # The network service in the browser process, not a utility process of its own: one process
+    # fewer per VM.  A crash of it takes the browser down, which the agent repairs anyway.
     "--enable-features=NetworkServiceInProcess2",
     "--no-first-run",  # no welcome page
     "--no-default-browser-check",  # no "make me your default browser" bar

@@ -38,8 +38,8 @@ def nesting_depth(data: bytes) -> int:
     """How deeply ``data``'s arrays and objects nest (brackets inside strings do not count).
 
     The deepest running count of open brackets from the start, as the parser would meet them;
-    every step is a C loop (regex, translate, accumulate): 8 MB holding four million brackets
-    take 0.15 s here, a fifth of what ``json.loads`` itself takes on them.
+    every step is a C loop (regex, translate, accumulate), so the check costs a fraction of what
+    ``json.loads`` itself takes on the same bytes.
     Text that is not JSON gets some number back: the parser refuses it afterwards.
     """
     steps = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS).translate(_STEPS)
