@@ -15,8 +15,9 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from vmcloud.broker.protocol import StompServerFactory
+from vmcloud.compose import build_controller, check_deployment
 from vmcloud.config import MIN_LISTEN_BACKLOG, listen_backlog, parse_config, with_backlog
-from vmcloud.tap import _warn_if_backlog_capped, build_controller
+from vmcloud.tap import _warn_if_backlog_capped
 
 
 class WithBacklogTests(SynchronousTestCase):
@@ -65,7 +66,7 @@ class DaemonListenersTests(SynchronousTestCase):
             None,
             {"state-dir": self.mktemp(), "api": "tcp:0:interface=127.0.0.1", "stomp": "tcp:0", **flags},
         )
-        root = build_controller(reactor, config, {})
+        root = build_controller(reactor, check_deployment(config, {}))
         assert isinstance(root, MultiService)
         for service in root:
             if isinstance(service, StreamServerEndpointService):

@@ -34,7 +34,7 @@ from vmcloud.api.site import (
     ApiChannel,
     ApiSite,
 )
-from vmcloud.tap import _make_site
+from vmcloud.compose import make_site
 
 HOME = b"https%3A%2F%2Fexample.com%2F"
 PREPARE = b"/prepare-batch/1/" + HOME
@@ -400,7 +400,7 @@ class DaemonSiteTests(SynchronousTestCase):
         resource = make_api(RecordingPool(), token=None, cors_origins=[], static_dir=state).resource()
         for access_log in ("-", "none", "access.log"):
             with self.subTest(access_log):
-                self.assertIsInstance(_make_site(resource, access_log, state), ApiSite)
+                self.assertIsInstance(make_site(resource, access_log, state), ApiSite)
 
 
 class RealSocketTests(TestCase):
