@@ -1,5 +1,8 @@
 """The console and audio proxies put together over a pool, for the composition root to mount.
 
+``/console/`` also answers ``/console/vm/{vmid}/screen.png``, the monitor's thumbnails
+(:mod:`vmcloud.console.screen`), with the same dial and admin gate.
+
 :func:`build_proxies` wires the parts: the pool's live state resolves handles
 (:class:`~vmcloud.console.targets.PoolTargets`), the pool's news of ended handles and dead VMs
 reaches the :class:`~vmcloud.console.registry.AccessRegistry` (``watch_access``), and the
@@ -22,6 +25,7 @@ from twisted.web.resource import IResource
 from vmcloud.console.audio import AudioFactory, AudioHub, AudioResource
 from vmcloud.console.gate import Gate
 from vmcloud.console.registry import AccessRegistry
+from vmcloud.console.screen import Captures, ScreenResource
 from vmcloud.console.targets import AUDIO_PORT, VNC_PORT, HasPoolState, PoolTargets, Target
 from vmcloud.console.vnc import ConsoleFactory, ConsoleResource
 
@@ -66,11 +70,13 @@ def build_proxies(
         connected: Deferred[Any] = connectProtocol(endpoint, protocol)
         return connected
 
+    screen = ScreenResource(Captures(clock=reactor, dial=dial), gate, resolve=targets.screen_of_vm)
     console = ConsoleResource(
         ConsoleFactory(clock=reactor, dial=dial, registry=registry),
         gate,
         resolve_handle=targets.console,
         resolve_vm=targets.console_of_vm,
+        screen=screen,
     )
     agent = Agent(reactor, connectTimeout=DIAL_TIMEOUT, pool=HTTPConnectionPool(reactor, persistent=False))
     hub = AudioHub(clock=reactor, agent=agent, registry=registry)

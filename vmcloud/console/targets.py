@@ -88,6 +88,30 @@ class PoolTargets:
         _needs(vm, "vnc", "a VNC server")
         return Target(vm_key(vmid), _address(vm), vm.vnc_port or self._vnc_port, vm.vmid)
 
+    def screen_of_vm(self, vmid: str) -> Target:
+        """The VNC server of a live VM with a session, and its password (the monitor's thumbnails).
+
+        404 for an unknown VM or one whose guest has no VNC server (or has not said yet), 409 when
+        the VM has no session now (no password: only READY and OCCUPIED VMs have one).
+        """
+        vm = self._pool.state.vms.get(vmid)
+        if vm is None or not vm.alive:
+            raise ApiError(404, "unknown-vm", f"no live VM {vmid!r}")
+        if "vnc" not in vm.capabilities and not (vm.recovering and vm.vnc_password):
+            raise ApiError(
+                404,
+                "no-vnc",
+                f"VM {vmid} has no VNC server (its guest says: {', '.join(vm.capabilities) or 'nothing'})",
+            )
+        if not vm.vnc_password:
+            raise ApiError(
+                409,
+                "no-session",
+                f"VM {vmid} has no screen session now ({vm.state.value}; READY and OCCUPIED VMs have one)",
+            )
+        port = vm.vnc_port or self._vnc_port
+        return Target(vm_key(vmid), _address(vm), port, vm.vmid, vm.vnc_password)
+
     def audio(self, token: str) -> Target:
         """The audio capture server of the VM a handle holds, for batches that asked for audio."""
         state = self._pool.state

@@ -40,6 +40,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from vmcloud.api.errors import ApiError
@@ -361,7 +362,8 @@ class ConsoleFactory(WebSocketServerFactory):
 class ConsoleResource(WebSocketResource):
     """``/console/{handle}`` and ``/console/vm/{vmid}``: HTTP checks, then the WebSocket upgrade.
 
-    Mounted under ``/console/``: ``request.postpath`` is what follows.
+    Mounted under ``/console/``: ``request.postpath`` is what follows.  ``screen`` serves
+    ``/console/vm/{vmid}/screen.png`` (:mod:`vmcloud.console.screen`), a plain HTTP answer.
     """
 
     def __init__(
@@ -373,8 +375,10 @@ class ConsoleResource(WebSocketResource):
         resolve_vm: Resolve,
         max_per_key: int = MAX_VIEWERS_PER_KEY,
         max_total: int = MAX_VIEWERS,
+        screen: IResource | None = None,
     ) -> None:
         super().__init__(factory)
+        self._screen = screen
         self._console = factory
         self._gate = gate
         self._resolve_handle = resolve_handle
@@ -383,6 +387,9 @@ class ConsoleResource(WebSocketResource):
         self._max_total = max_total
 
     def render(self, request: IRequest) -> Any:
+        path = request.postpath
+        if self._screen is not None and len(path) == 3 and path[0] == b"vm" and path[2] == b"screen.png":
+            return self._screen.render(request)  # /console/vm/{vmid}/screen.png: plain HTTP
         try:
             ticket = self._ticket(request)
         except ApiError as e:
