@@ -11,7 +11,8 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass
 
-from vmcloud.drivers.local import LocalDriver, VmRecord, user_data_ini
+from vmcloud.drivers.local import LocalDriver
+from vmcloud.drivers.localfiles import VmRecord, user_data_ini
 from vmcloud.drivers.netns import (
     IFNAME_MAX,
     CommandResult,

@@ -26,8 +26,9 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from tests.drivers.test_local_processes import VM_SCRIPT, alive, ip_json, netns_usable
-from vmcloud.drivers.claims import HostInUse, process_start_time
+from vmcloud.drivers.claims import HostInUse
 from vmcloud.drivers.local import LocalDriver
+from vmcloud.drivers.localproc import process_start_time
 from vmcloud.drivers.netns import NetnsLayout, bridge_alias, derived_bridge, pool_tag
 from vmcloud.pool.interfaces import ACTIVE, BootRequest, GuestCredentials
 

@@ -28,11 +28,11 @@ from vmcloud.drivers.claims import (
     StateDirClaim,
     claim_held,
     describe_owner,
-    process_start_time,
     read_owner,
     try_lock,
 )
 from vmcloud.drivers.local import PASSED_ENVIRONMENT, LocalDriver, vm_environment
+from vmcloud.drivers.localproc import process_start_time
 from vmcloud.drivers.netns import (
     AUTO_SUBNETS,
     IFNAME_MAX,

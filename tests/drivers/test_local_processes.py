@@ -25,7 +25,8 @@ from twisted.logger import globalLogPublisher
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
-from vmcloud.drivers.local import LocalDriver, process_start_time
+from vmcloud.drivers.local import LocalDriver
+from vmcloud.drivers.localproc import process_start_time
 from vmcloud.drivers.netns import NetnsLayout
 from vmcloud.pool.interfaces import (
     ACTIVE,

@@ -30,6 +30,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
+from vmcloud.drivers.localproc import boot_id, process_start_time
 from vmcloud.pool.interfaces import BadCloudRequest
 
 #: The state directory's lock file, relative to the state directory.
@@ -44,39 +45,6 @@ class HostInUse(BadCloudRequest):
 
     A :class:`~vmcloud.pool.interfaces.BadCloudRequest`: retrying does not help, an operator must act.
     """
-
-
-# --------------------------------------------------------------------------- processes, by /proc
-
-
-def stat_fields(pid: int, proc: str = "/proc") -> list[str] | None:
-    """Fields 3.. of ``/proc/<pid>/stat`` (after the command name, which may hold spaces)."""
-    try:
-        with open(f"{proc}/{pid}/stat", "rb") as f:
-            raw = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2 :].split()
-
-
-def process_start_time(pid: int, proc: str = "/proc") -> int | None:
-    """When a live (non-zombie) process started, in clock ticks since boot; None if it is gone.
-
-    Together with the boot id this tells a process from a later one that reused its pid.
-    """
-    fields = stat_fields(pid, proc)
-    if fields is None or len(fields) < 20 or fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def boot_id(proc: str = "/proc") -> str:
-    """The kernel's id of this boot: a pid recorded before a reboot means nothing after it."""
-    try:
-        with open(f"{proc}/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 # --------------------------------------------------------------------------- flock
