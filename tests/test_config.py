@@ -1,8 +1,29 @@
 """The configuration rules an operator relies on: defaults, precedence, and loud errors for typos."""
 
+import configparser
+from collections.abc import Mapping
+
+import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
-from vmcloud.config import ConfigError, listens_on_loopback_only, parse_config
+from vmcloud.config import NOVA_KEYS, Config, ConfigError, listens_on_loopback_only, parse_config
+from vmcloud.drivers.nova import NovaConfig
+from vmcloud.pool.config import PoolConfig, pool_config
+
+SHIPPED = "etc/vmcloud.conf"
+
+
+def written(value: object) -> str:
+    """A default as the shipped file writes it."""
+    if value is None or isinstance(value, Mapping):
+        return ""  # initial_max (the cap), [broker] users (none)
+    if isinstance(value, bool):
+        return "yes" if value else ""  # [nova] insecure: empty is "no, unless OS_INSECURE"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ", ".join(value)
+    return str(value)
 
 
 class ParseConfigTests(SynchronousTestCase):
@@ -67,6 +88,71 @@ class ParseConfigTests(SynchronousTestCase):
         self.assertEqual(parse_config("[local]\nbrowser = none\n").local.browser, "none")
         with self.assertRaisesRegex(ConfigError, r"\[local\] browser"):
             parse_config("[local]\nbrowser = firefox\n")
+
+
+class ShippedFileTests(SynchronousTestCase):
+    """``etc/vmcloud.conf`` is the reference of every key: each one, with its default, nothing else."""
+
+    def setUp(self) -> None:
+        self.shipped = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
+        with open(SHIPPED, encoding="utf-8") as f:
+            self.shipped.read_file(f)
+
+    def test_every_key_with_its_default_and_nothing_else(self) -> None:
+        defaults = Config()
+        self.assertEqual(self.shipped.sections(), ["api", "broker", "pool", "local", "nova"])
+        for section in ("api", "broker", "pool", "local"):
+            record = getattr(defaults, section)
+            expected = {
+                field.name: written(getattr(record, field.name)) for field in attrs.fields(type(record))
+            }
+            with self.subTest(section):
+                self.assertEqual(dict(self.shipped.items(section)), expected)
+
+    def test_every_nova_key_with_its_default(self) -> None:
+        """Empty ones are filled from ``OS_*``; the two set are NovaConfig's own defaults."""
+        nova = NovaConfig()
+        self.assertEqual(NOVA_KEYS, {field.name for field in attrs.fields(NovaConfig)})
+        self.assertEqual(set(self.shipped.options("nova")), NOVA_KEYS)
+        given = {key: value for key, value in self.shipped.items("nova") if value}
+        self.assertEqual(given, {"microversion": nova.microversion, "timeout": written(nova.timeout)})
+
+
+class PoolConfigTests(SynchronousTestCase):
+    """The pool's record is derived from the file's: every field can be set there."""
+
+    def test_the_defaults_users_get(self) -> None:
+        """The daemon ran with these before the two records became one (poll every 5 s, not
+        PoolConfig's 10; a client's ?wait= capped at 30 s by the API, not PoolConfig's 60)."""
+        config = pool_config(parse_config(None), "host-1")
+        self.assertEqual(config, PoolConfig(controller_name="host-1"))
+        self.assertEqual(
+            (config.poll_interval, config.long_poll_default, config.long_poll_max), (5.0, 5.0, 30.0)
+        )
+
+    def test_every_field_is_a_key_of_the_file(self) -> None:
+        defaults = PoolConfig()
+        keys = [field.name for field in attrs.fields(PoolConfig) if field.name != "controller_name"]
+        lines = {"api": [], "pool": []}
+        expected = {}
+        for number, key in enumerate(keys, start=2):
+            value = getattr(defaults, key)
+            changed: object = number if isinstance(value, int | None) else float(number) + 0.5
+            if key == "prefix":
+                changed = "other-"
+            elif key == "max_pool_size":
+                changed = 500
+            expected[key] = changed
+            lines["api" if key.startswith("long_poll_") else "pool"].append(f"{key} = {changed}")
+        text = "".join(f"[{section}]\n" + "\n".join(body) + "\n" for section, body in lines.items())
+        derived = attrs.asdict(pool_config(parse_config(text), "host-1"))
+        self.assertEqual(derived, {"controller_name": "host-1", **expected})
+
+    def test_initial_max_empty_is_the_cap(self) -> None:
+        self.assertIsNone(parse_config("[pool]\ninitial_max =\n").pool.initial_max)
+        self.assertEqual(parse_config("[pool]\ninitial_max = 7\n").pool.initial_max, 7)
+        with self.assertRaisesRegex(ConfigError, r"\[pool\] initial_max: expected a whole number"):
+            parse_config("[pool]\ninitial_max = all\n")
 
 
 class LoopbackTests(SynchronousTestCase):

@@ -320,31 +320,10 @@ def add_pool(
     controller_name: str,
 ) -> PoolService:
     """The pool: restores the checkpoint at start, reconciles, drains at stop."""
-    from vmcloud.pool.config import PoolConfig
+    from vmcloud.pool.config import pool_config
     from vmcloud.pool.service import PoolService
 
-    pool = PoolService(
-        room.reactor,
-        driver,
-        channel,
-        store,
-        PoolConfig(
-            prefix=config.pool.prefix,
-            controller_name=controller_name,
-            max_pool_size=config.pool.max_pool_size,
-            beacon_interval=config.pool.beacon_interval,
-            timeout_boot=config.pool.timeout_boot,
-            timeout_update=config.pool.timeout_update,
-            timeout_operation=config.pool.timeout_operation,
-            timeout_cloud=config.pool.timeout_cloud,
-            poll_interval=config.pool.poll_interval,
-            events_per_handle=config.pool.events_per_handle,
-            quota_retry=config.pool.quota_retry,
-            max_boots_in_flight=config.pool.max_boots_in_flight,
-            max_deletes_in_flight=config.pool.max_deletes_in_flight,
-            long_poll_default=config.api.long_poll_default,
-        ),
-    )
+    pool = PoolService(room.reactor, driver, channel, store, pool_config(config, controller_name))
     pool.setServiceParent(room.root)
     return pool
 
@@ -368,6 +347,7 @@ def add_api(room: Room, config: Config, pool: PoolService, state_dir: FilePath[s
         cors_origins=config.api.cors_origins,
         static_dir=static_dir,
         long_poll_default=config.api.long_poll_default,
+        max_long_poll=config.api.long_poll_max,
         mounts=proxies.mounts,
     )
     room.listen(

@@ -29,7 +29,8 @@ class ApiConfig:
     cors_origins: tuple[str, ...] = ("*",)
     static_dir: str = ""  # empty: the static/ folder shipped with vmcloud
     access_log: str = "access.log"  # relative to the state dir; "-": the daemon's log; "none": off
-    long_poll_default: float = 5.0
+    long_poll_default: float = 5.0  # seconds fetch-events waits when the client does not say
+    long_poll_max: float = 30.0  # the longest ?wait= a client may ask for
 
 
 @attrs.frozen
@@ -47,6 +48,9 @@ class BrokerConfig:
 
 @attrs.frozen
 class PoolSettings:
+    """``[pool]``: the daemon's own keys (driver, state_dir, cloud_threads) and every key of
+    :class:`~vmcloud.pool.config.PoolConfig`, which documents their meaning."""
+
     driver: str = "local"
     prefix: str = "vmcloud-vm-"
     controller_name: str = ""  # empty: the host name
@@ -63,6 +67,14 @@ class PoolSettings:
     quota_retry: float = 60.0
     max_boots_in_flight: int = 16
     max_deletes_in_flight: int = 16
+    tick_interval: float = 1.0
+    backoff_base: float = 1.0
+    backoff_max: float = 300.0
+    checkpoint_interval: float = 0.05
+    max_pending_locks: int = 10_000
+    initial_min: int = 0
+    initial_max: int | None = None  # empty: max_pool_size
+    initial_linger_ms: int = 60_000
 
 
 @attrs.frozen
@@ -128,6 +140,8 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
 def _coerce(section: str, key: str, raw: str, default: object) -> object:
     value = raw.strip()
     where = f"[{section}] {key}"
+    if default is None:  # an optional whole number (initial_max): empty is None
+        return _coerce(section, key, value, 0) if value else None
     if isinstance(default, bool):
         if value.lower() in ("1", "yes", "true", "on"):
             return True
