@@ -4,16 +4,13 @@ controller can hold (issue #4 wants the whole daemon under 10 KB per VM at 5,000
 from __future__ import annotations
 
 import gc
-import sys
 import tracemalloc
 
-from twisted.internet import tcp
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.broker.support import Client, make_broker
 from vmcloud.broker import Broker
-from vmcloud.broker.protocol import name_late_attributes
 from vmcloud.stomp.frame import Frame
 from vmcloud.words.destinations import BROADCAST, CONTROLLER, guest_destination
 from vmcloud.words.presence import StillAlive
@@ -62,47 +59,3 @@ class IdleConnectionMemoryTests(SynchronousTestCase):
         self.assertEqual(broker.stats().connections, count + 1)
         self.assertEqual(sum(g.closing for g in guests), 0)
         self.assertLess(per_connection, BUDGET)
-
-
-#: What ``tcp.Server.__init__`` sets, in its order.
-_INIT_NAMES = (
-    "reactor",
-    "_tempDataBuffer",
-    "_tempDataLen",
-    "socket",
-    "fileno",
-    "protocol",
-    "server",
-    "client",
-    "sessionno",
-    "hostname",
-    "logstr",
-    "repstr",
-    "connected",
-)
-
-
-class TransportLayoutTests(SynchronousTestCase):
-    def transport_after_first_write_has_a_dict(self, named_early: bool) -> bool:
-        """Many transports made, then one registers a producer and writes, as a guest's does."""
-
-        class Fresh(tcp.Server):  # a class of its own: a layout nobody has frozen yet
-            pass
-
-        if named_early:
-            name_late_attributes(Fresh)
-        transports = []
-        for i in range(40):
-            transport = object.__new__(Fresh)
-            for name in _INIT_NAMES:
-                setattr(transport, name, i)
-            transports.append(transport)
-        last = transports[-1]
-        last.producer, last.streamingProducer, last.dataBuffer, last.offset = None, True, b"", 0
-        return any(isinstance(ref, dict) for ref in gc.get_referents(last))
-
-    def test_transports_stay_compact_after_their_first_write(self) -> None:
-        """A dict per transport is 832 bytes per guest connection."""
-        if sys.version_info[:2] == (3, 11):  # the interpreter whose layout rules this works around
-            self.assertTrue(self.transport_after_first_write_has_a_dict(named_early=False))
-        self.assertFalse(self.transport_after_first_write_has_a_dict(named_early=True))

@@ -13,12 +13,10 @@ other clients carry on.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import importlib.metadata
 import itertools
 import math
-import re
 import typing
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -44,7 +42,7 @@ from vmcloud.broker.realm import (
     RealmError,
     Subscription,
 )
-from vmcloud.stomp.codec import HEARTBEAT, VERSIONS, Decoder, ProtocolError, encode, header_lines
+from vmcloud.stomp.codec import HEARTBEAT, VERSIONS, Decoder, ProtocolError, encode, encode_message
 from vmcloud.stomp.frame import Frame
 from vmcloud.words.destinations import LOGIN_HEADER
 
@@ -144,46 +142,16 @@ def _short(text: str, limit: int = 64) -> str:
 class StompServerProtocol(Protocol):
     """One client connection to the embedded broker.
 
-    The broker holds one per guest for as long as the guest runs, so what one holds is what the
-    broker costs per VM: attributes live in slots (Twisted's ``transport`` and ``connected``
-    too, or the instance grows a dict), what most connections never need (frames waiting behind
-    a pause, transactions, cached MESSAGE heads) is created on first use, what is only logged
-    (the peer's address) is worked out when logged, and heart-beats are kept by the factory's
-    :class:`~vmcloud.broker.heartbeats.Heartbeats` rather than by timed calls of their own.
+    The broker holds one per guest for as long as the guest runs: what most connections never
+    need (frames waiting behind a pause, transactions) is created on first use, and heart-beats
+    are kept by the factory's :class:`~vmcloud.broker.heartbeats.Heartbeats` rather than by
+    timed calls of their own.
     """
-
-    __slots__ = (
-        "_heads",
-        "_heard_at",
-        "_inbox",
-        "_last_write",
-        "_out_interval",
-        "_process_pending",
-        "_reading_paused",
-        "_registered",
-        "_silence_limit",
-        "_timer",
-        "_transactions",
-        "avatar",
-        "connected",
-        "decoder",
-        "factory",
-        "limits",
-        "out",
-        "peer",
-        "scheduled",
-        "state",
-        "transport",
-        "version",
-        "wake_at",
-    )
 
     local = False
 
     def __init__(self, factory: StompServerFactory) -> None:
         self.factory = factory
-        self.transport: typing.Any = None
-        self.connected = 0
         self.out: _Transport
         self.limits = factory.limits
         self.decoder = Decoder(factory.limits.frame, hold_after_connect=True)
@@ -207,8 +175,6 @@ class StompServerProtocol(Protocol):
         self.scheduled = False
         self._timer: IDelayedCall | None = None  # CONNECT timeout, then the close timeout
         self._process_pending = False  # queued in the factory's next batch of resumed readers
-        #: encoded MESSAGE heads per subscription, for full-access peers (see :meth:`deliver`)
-        self._heads: dict[Subscription, tuple[bytes, bytes] | None] | None = None
 
     def __lt__(self, other: StompServerProtocol) -> bool:
         """Order by the next heart-beat wake-up (the factory's :class:`Heartbeats` is a heap)."""
@@ -373,15 +339,7 @@ class StompServerProtocol(Protocol):
             self._receipt(receipt)
 
     def _receipt(self, receipt: str) -> None:
-        """Write RECEIPT for ``receipt``: the bytes ``encode`` would make, without the Frame."""
-        try:
-            data = b"RECEIPT\n" + header_lines({"receipt-id": receipt}, self.version) + b"\n\x00"
-        except ValueError:
-            self._write(Frame("RECEIPT", {"receipt-id": receipt}))
-            return
-        if self._out_interval:
-            self._last_write = self.factory.clock.seconds()
-        self.out.write(data)
+        self._write(Frame.adopting("RECEIPT", {"receipt-id": receipt}))
 
     def _connect(self, frame: Frame) -> None:
         headers = frame.headers
@@ -431,10 +389,8 @@ class StompServerProtocol(Protocol):
         self._cancel_timer()
         factory = self.factory
         self.peer = factory.realm.attach(self)
-        if avatar.full_access:
-            self._heads = {}
-            if hasattr(self.out, "bufferSize"):  # a TCP transport
-                self.out.bufferSize = self.limits.full_access_buffer_bytes
+        if avatar.full_access and hasattr(self.out, "bufferSize"):  # a TCP transport
+            self.out.bufferSize = self.limits.full_access_buffer_bytes
         factory.logged_in(self, avatar)
         headers = {
             "version": self.version,
@@ -525,9 +481,6 @@ class StompServerProtocol(Protocol):
             sub_id = next((s.id for s in self.peer.subscriptions if s.destination == destination), None)
             if sub_id is None:
                 return
-        subscription = self.peer.subscription(sub_id)
-        if subscription is not None and self._heads:
-            self._heads.pop(subscription, None)
         self.factory.realm.unsubscribe(self.peer, sub_id)
 
     def _ack(self, frame: Frame) -> None:
@@ -638,41 +591,20 @@ class StompServerProtocol(Protocol):
         return len(data)
 
     def deliver(self, subscription: Subscription, message: Message) -> int:
-        """IBrokerClient: write one MESSAGE frame for ``subscription``.
-
-        The bytes are what ``encode`` makes of the frame, put together from pieces encoded once:
-        the message's user headers (once per STOMP version, shared by every subscriber) and this
-        subscription's destination and id (cached for full-access peers, which take every guest's
-        messages; a guest gets a request now and then, and its head is quicker made than kept).
-        Headers a 1.0 peer cannot receive take the slow path.
-        """
-        version = self.version
-        wire = message.wire
-        user = wire.get(version, _UNENCODED)
-        if user is _UNENCODED:
-            try:
-                user = header_lines(message.headers, version) + b"content-length:%d\n\n" % len(message.body)
-            except ValueError:
-                user = None
-            wire[version] = user
-        heads = self._heads
-        if heads is None:
-            head = _message_head(subscription, version)
-        else:
-            head = heads.get(subscription, _UNENCODED)  # type: ignore[arg-type]
-            if head is _UNENCODED:
-                head = heads[subscription] = _message_head(subscription, version)
-        if user is None or head is None:
+        """IBrokerClient: write one MESSAGE frame for ``subscription``."""
+        try:
+            data = encode_message(
+                message.destination,
+                message.message_id,
+                subscription.id,
+                message.headers,
+                message.body,
+                self.version,
+                ack=None if subscription.ack is AckMode.AUTO else message.message_id,
+                redelivered=message.redelivered,
+            )
+        except ValueError:  # headers a 1.0 peer cannot receive: the slow path leaves them out
             return self._write(_message_frame(subscription, message))
-        assert isinstance(user, bytes) and isinstance(head, tuple)
-        message_id = message.message_id.encode()
-        parts = [head[0], message_id, head[1]]
-        if subscription.ack is not AckMode.AUTO:
-            parts += (b"ack:", message_id, b"\n")
-        if message.redelivered:
-            parts.append(b"redelivered:true\n")
-        parts += (user, message.body, b"\x00")
-        data = b"".join(parts)
         if self._out_interval:
             self._last_write = self.factory.clock.seconds()
         self.out.write(data)
@@ -785,11 +717,11 @@ class StompServerProtocol(Protocol):
         now = factory.clock.seconds()
         wake = math.inf
         if out_ms:
-            self._out_interval = factory.shared_float(out_ms / 1000)
+            self._out_interval = out_ms / 1000
             self._last_write = now
             wake = now + self._out_interval
         if in_ms:
-            self._silence_limit = factory.shared_float(self.limits.heartbeat_grace * in_ms / 1000)
+            self._silence_limit = self.limits.heartbeat_grace * in_ms / 1000
             self._heard_at = now
             wake = min(wake, now + self._silence_limit)
         factory.heartbeats.add(self, wake)
@@ -845,70 +777,6 @@ class StompServerProtocol(Protocol):
         self.factory.heartbeats.remove(self)
 
 
-_UNENCODED = object()
-
-#: What Twisted's TCP transports set on themselves after ``__init__`` (a producer registered,
-#: the first write, pausing, closing), and what the broker sets (``bufferSize``).
-LATE_TRANSPORT_ATTRIBUTES = (
-    "producer",
-    "streamingProducer",
-    "producerPaused",
-    "dataBuffer",
-    "offset",
-    "bufferSize",
-    "disconnecting",
-    "disconnected",
-    "_writeDisconnecting",
-    "_writeDisconnected",
-    "_aborting",
-)
-
-
-def name_late_attributes(
-    transport_class: type, names: typing.Iterable[str] = LATE_TRANSPORT_ATTRIBUTES
-) -> None:
-    """Make ``names`` part of the attribute layout every instance of ``transport_class`` shares.
-
-    CPython 3.11 keeps instance attributes in a compact array laid out by the class, and stops
-    adding names to that layout after some thirty instances have been made.  An instance that
-    later sets a name outside the layout gets a full dict of its own instead (832 bytes for a
-    TCP transport).  Twisted's transports set ``dataBuffer`` and ``offset`` at their first write
-    and ``producer`` when a producer registers: a broker that accepted thirty guests before any
-    of them was written to paid those 832 bytes on every guest connection.  Naming them on a
-    throw-away instance before the layout is frozen keeps every transport compact.  Harmless
-    where the interpreter lays attributes out differently.
-    """
-    stand_in: object = object.__new__(transport_class)
-    for name in names:
-        with contextlib.suppress(AttributeError, TypeError):
-            setattr(stand_in, name, None)
-
-
-#: A character that makes a header value need escaping (or, in 1.0, unsendable).
-_NOT_PLAIN = re.compile(r"[\\\n\r:\x00]")
-
-
-def _message_head(subscription: Subscription, version: str) -> tuple[bytes, bytes] | None:
-    """The encoded MESSAGE lines before and after the message-id for ``subscription``, or None
-    when ``version`` cannot carry its destination or id.
-
-    Made per delivery for guests (nothing kept per connection), so plain names, which are all
-    a guest subscribes with, skip the general encoder.
-    """
-    destination, sub_id = subscription.destination, subscription.id
-    if _NOT_PLAIN.search(destination) is None and _NOT_PLAIN.search(sub_id) is None:
-        return (
-            b"MESSAGE\ndestination:" + destination.encode() + b"\nmessage-id:",
-            b"\nsubscription:" + sub_id.encode() + b"\n",
-        )
-    try:
-        destination_line = header_lines({"destination": destination}, version)
-        sub_id_line = header_lines({"subscription": sub_id}, version)
-    except ValueError:
-        return None
-    return b"MESSAGE\n" + destination_line + b"message-id:", b"\n" + sub_id_line
-
-
 def _message_frame(subscription: Subscription, message: Message) -> Frame:
     """The MESSAGE frame delivering ``message`` to ``subscription``."""
     message_id = message.message_id
@@ -961,21 +829,6 @@ class StompServerFactory(Factory):
         #: guests' connections by identity: the connection itself, or a set when there are several
         self._by_identity: dict[str, StompServerProtocol | set[StompServerProtocol]] = {}
         self._to_process: list[StompServerProtocol] = []
-        self._floats: dict[float, float] = {}
-
-    def shared_float(self, value: float) -> float:
-        """``value``, as the same float object for every connection that asks for it.
-
-        Heart-beat intervals are the same for nearly every connection; a float each would cost
-        every connection 24 bytes per interval it keeps.
-        """
-        floats = self._floats
-        shared = floats.get(value)
-        if shared is None:
-            if len(floats) >= 64:  # peers choose intervals: do not let them grow this
-                return value
-            shared = floats[value] = value
-        return shared
 
     def process_soon(self, protocol: StompServerProtocol) -> None:
         """Have ``protocol`` handle the frames it holds on the next reactor turn.
@@ -996,11 +849,6 @@ class StompServerFactory(Factory):
                 log.failure(
                     "Resuming {address} failed", address=protocol.address, event="broker-internal-error"
                 )
-
-    def startFactory(self) -> None:  # noqa: N802
-        """Listening: name the attributes TCP transports set late, while they still fit in the
-        transports' shared layout (see :func:`name_late_attributes`)."""
-        name_late_attributes(tcp.Server)
 
     def buildProtocol(self, addr: IAddress | None) -> StompServerProtocol:  # noqa: N802
         return StompServerProtocol(self)
