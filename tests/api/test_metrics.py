@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import prometheus_client
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from tests.api.client import TOKEN, ApiTestCase
 from tests.api.fake_pool import RecordingPool
+from tests.broker.support import Client, make_broker
 from tests.pool.fakes import World
-from vmcloud.api.metrics import CLOUD_FIELDS, CLOUD_TEXT_FIELDS, VM_STATES, exposition, pool_registry
+from vmcloud import timings
+from vmcloud.api.metrics import (
+    CLOUD_FIELDS,
+    CLOUD_TEXT_FIELDS,
+    HISTOGRAMS,
+    VM_STATES,
+    Metrics,
+    exposition,
+    pool_registry,
+)
+from vmcloud.timings import ITimings
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -192,7 +206,9 @@ class MetricsRouteTests(ApiTestCase):
         answer = self.call("GET", "/metrics", headers=self.admin())
         self.assertEqual(answer.status, 200)
         self.assertEqual(answer.header("content-type"), prometheus_client.exposition.CONTENT_TYPE_PLAIN_0_0_4)
-        self.assertEqual(samples(answer.body.decode()), samples(scrape(pool_with(STATUS))[0]))
+        pool_samples = samples(scrape(pool_with(STATUS))[0])
+        served = samples(answer.body.decode())
+        self.assertEqual({key: served[key] for key in pool_samples}, pool_samples)
 
     def test_route_negotiates_openmetrics(self) -> None:
         answer = self.call(
@@ -201,5 +217,148 @@ class MetricsRouteTests(ApiTestCase):
             headers={**self.admin(), "Accept": "application/openmetrics-text;version=1.0.0"},
         )
         self.assertEqual(answer.status, 200)
-        self.assertTrue(answer.header("content-type") or "".startswith("application/openmetrics-text"))
+        self.assertTrue((answer.header("content-type") or "").startswith("application/openmetrics-text"))
         self.assertTrue(answer.body.endswith(b"# EOF\n"))
+
+
+def families(text: str, parse: Any = text_string_to_metric_families) -> dict[str, Any]:
+    return {family.name: family for family in parse(text)}
+
+
+def buckets(family: Any, **labels: str) -> dict[float, float]:
+    """A histogram's cumulative bucket counts by upper bound, for one set of labels."""
+    return {
+        float(sample.labels["le"]): sample.value
+        for sample in family.samples
+        if sample.name.endswith("_bucket") and {k: v for k, v in sample.labels.items() if k != "le"} == labels
+    }
+
+
+def only(family: Any, suffix: str, **labels: str) -> float:
+    [value] = [s.value for s in family.samples if s.name == family.name + suffix and s.labels == labels]
+    return float(value)
+
+
+class HistogramTests(SynchronousTestCase):
+    def scrape(self, metrics: Metrics, accept: bytes | None = None) -> dict[str, Any]:
+        body, _ = exposition(metrics.registry, accept)
+        return families(
+            body.decode(), text_string_to_metric_families if accept is None else openmetrics_families
+        )
+
+    def test_it_is_an_itimings_and_knows_every_name_of_the_vocabulary(self) -> None:
+        self.assertTrue(verifyObject(ITimings, Metrics()))
+        names = {
+            v
+            for k, v in vars(timings).items()
+            if k.isupper() and isinstance(v, str) and v not in ("ok", "failed")
+        }
+        self.assertEqual({timed.name for timed in HISTOGRAMS}, names)
+        for timed in HISTOGRAMS:
+            self.assertTrue(timed.metric.startswith("vmcloud_") and timed.metric.endswith("_seconds"), timed)
+            self.assertEqual(list(timed.buckets), sorted(set(timed.buckets)), timed)
+
+    def test_an_observation_lands_in_its_histogram_and_bucket(self) -> None:
+        metrics = Metrics()
+        metrics.observe(timings.BOOT, 44.0, outcome="ok")
+        metrics.observe(timings.BOOT, 250.0, outcome="failed")
+        metrics.observe(timings.NOVA_CALL, 0.3, call="boot", outcome="quota")
+        metrics.observe(timings.RECONCILE_PASS, 0.003)
+        found = self.scrape(metrics)
+        boot = found["vmcloud_boot_seconds"]
+        self.assertEqual(only(boot, "_count", outcome="ok"), 1)
+        self.assertEqual(only(boot, "_sum", outcome="ok"), 44.0)
+        ok = buckets(boot, outcome="ok")
+        self.assertEqual((ok[30.0], ok[45.0], ok[math.inf]), (0, 1, 1))
+        failed = buckets(boot, outcome="failed")
+        self.assertEqual((failed[240.0], failed[300.0]), (0, 1))
+        nova = found["vmcloud_nova_call_seconds"]
+        self.assertEqual(buckets(nova, call="boot", outcome="quota")[0.5], 1)
+        self.assertEqual(only(nova, "_count", call="boot", outcome="ok"), 0)
+        passes = found["vmcloud_reconcile_pass_seconds"]
+        self.assertEqual((buckets(passes)[0.0025], buckets(passes)[0.005]), (0, 1))
+        self.assertEqual(only(found["vmcloud_prepare_seconds"], "_count", outcome="ok"), 0)
+
+    def test_a_clock_set_back_counts_zero_not_a_negative_duration(self) -> None:
+        metrics = Metrics()
+        metrics.observe(timings.LOCK_ASSIGNED, -3.0)
+        found = self.scrape(metrics)["vmcloud_lock_assigned_seconds"]
+        self.assertEqual((only(found, "_count"), only(found, "_sum")), (1, 0))
+
+    def test_a_name_or_labels_that_fit_no_histogram_are_logged_once_and_dropped(self) -> None:
+        metrics = Metrics()
+        with capturedLogs() as logged:
+            for _ in range(3):
+                metrics.observe("lunch", 1.0)
+                metrics.observe(timings.PREPARE, 1.0)  # its outcome is missing
+                metrics.observe(timings.CHECKPOINT_WRITE, 1.0, disk="sda")
+        said = [e for e in logged if e.get("event") == "metrics-unknown-timing"]
+        self.assertEqual(sorted(e["name"] for e in said), ["checkpoint_write", "lunch", "prepare"])
+        found = self.scrape(metrics)
+        self.assertEqual(only(found["vmcloud_checkpoint_write_seconds"], "_count"), 0)
+        self.assertEqual(only(found["vmcloud_prepare_seconds"], "_count", outcome="ok"), 0)
+
+    def test_openmetrics_declares_the_unit(self) -> None:
+        found = self.scrape(Metrics(), b"application/openmetrics-text;version=1.0.0")
+        for timed in HISTOGRAMS:
+            family = found[timed.metric]
+            self.assertEqual((family.type, family.unit), ("histogram", "seconds"))
+
+
+class BrokerMetricsTests(SynchronousTestCase):
+    def test_the_brokers_counters_are_read_at_each_scrape(self) -> None:
+        broker = make_broker()
+        metrics = Metrics()
+        metrics.watch_broker(broker.stats)
+        consumer = Client(broker)
+        consumer.connect()
+        consumer.subscribe("/queue/work")
+        controller = broker.attach_local("controller")
+        for payload in (b"1", b"2"):
+            controller.send("/queue/work", payload)
+        controller.send("/queue/nobody", b"3")
+        first = samples(exposition(metrics.registry, None)[0].decode())
+        self.assertEqual(first[("vmcloud_broker_connections", ())], 1)
+        self.assertEqual(first[("vmcloud_broker_subscriptions", ())], 1)
+        self.assertEqual(first[("vmcloud_broker_messages_published_total", ())], 3)
+        self.assertEqual(first[("vmcloud_broker_messages_delivered_total", ())], 2)
+        self.assertEqual(first[("vmcloud_broker_queued_messages", ())], 1)
+        self.assertEqual(first[("vmcloud_broker_messages_dropped_total", ())], 0)
+        consumer.lose()
+        second = samples(exposition(metrics.registry, None)[0].decode())
+        self.assertEqual(second[("vmcloud_broker_connections", ())], 0)
+        self.assertEqual(second[("vmcloud_broker_messages_published_total", ())], 3)
+
+
+class ServedHistogramTests(ApiTestCase):
+    """/metrics of a real app, built as the composition root builds it, through the library's parser."""
+
+    token = TOKEN
+
+    def test_every_histogram_is_served_with_its_buckets(self) -> None:
+        metrics = Metrics()
+        self.make(metrics=metrics)
+        self.pool.everything = STATUS
+        metrics.observe(timings.PREPARE, 0.06, outcome="ok")
+        answer = self.call("GET", "/metrics", headers=self.admin())
+        self.assertEqual(answer.status, 200)
+        found = families(answer.body.decode())
+        for timed in HISTOGRAMS:
+            family = found[timed.metric]
+            self.assertEqual(family.type, "histogram", timed.metric)
+            for values in timed.initial or ((),):
+                labels = dict(zip(timed.labels, values, strict=True))
+                self.assertEqual(
+                    sorted(buckets(family, **labels)), [*timed.buckets, math.inf], (timed.metric, labels)
+                )
+                only(family, "_count", **labels)
+                only(family, "_sum", **labels)
+        prepared = buckets(found["vmcloud_prepare_seconds"], outcome="ok")
+        self.assertEqual((prepared[0.05], prepared[0.075]), (0, 1))
+        self.assertEqual(found["vmcloud_vms"].type, "gauge", "the pool is read at the scrape as before")
+        self.assertEqual(samples(answer.body.decode())[("vmcloud_batches", ())], 2)
+
+    def test_an_app_without_metrics_serves_the_histograms_empty(self) -> None:
+        answer = self.call("GET", "/metrics", headers=self.admin())
+        found = families(answer.body.decode())
+        self.assertEqual(only(found["vmcloud_lock_assigned_seconds"], "_count"), 0)

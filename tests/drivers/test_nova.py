@@ -37,6 +37,7 @@ from vmcloud.pool.interfaces import (
     RateLimited,
     ServerStatus,
 )
+from vmcloud.timings import NO_TIMINGS, ITimings
 
 T = TypeVar("T")
 IMAGE = "155d900f-4e14-4e4c-a73d-069cbf4541e6"
@@ -61,6 +62,7 @@ def request(vmid: str, **metadata: str) -> BootRequest:
 class NovaDriverTestCase(TestCase):
     threads = 1
     settings = CloudSettings(build_seconds=2, delete_seconds=1)
+    timings: ITimings = NO_TIMINGS
 
     def setUp(self) -> None:
         self.sim_clock = Clock()
@@ -99,6 +101,7 @@ class NovaDriverTestCase(TestCase):
             dispatch=self.dispatch,
             clock=self.clock,
             controller_name="ctl-1",
+            timings=self.timings,
         )
 
     async def expect(self, kind: type[CloudError], call: Any) -> CloudError:

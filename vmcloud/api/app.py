@@ -40,7 +40,7 @@ from vmcloud.api.inputs import (
     parse_wait,
     wants_json,
 )
-from vmcloud.api.metrics import exposition, pool_registry
+from vmcloud.api.metrics import Metrics, exposition
 from vmcloud.api.openapi import openapi_document
 from vmcloud.api.static import StaticFiles
 from vmcloud.pool.interfaces import IPoolControl, PoolError
@@ -125,6 +125,7 @@ class RestApi:
         static_dir: FilePath[str],
         long_poll_default: float,
         max_long_poll: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self._pool = pool
         self._token = BearerToken(token) if token else None
@@ -133,7 +134,9 @@ class RestApi:
         self._long_poll_default = long_poll_default
         self._max_long_poll = max_long_poll
         self._openapi = json.dumps(openapi_document(), indent=1).encode("utf-8")
-        self._metrics = pool_registry(pool)
+        metrics = metrics if metrics is not None else Metrics()
+        metrics.watch_pool(pool)
+        self._metrics = metrics.registry
 
     def routes(self) -> list[tuple[Route, Handler]]:
         """Every route of the SPEC, with its handler."""
@@ -297,6 +300,7 @@ def make_api(
     long_poll_default: float = 5.0,
     max_long_poll: float = 30.0,
     mounts: Mapping[str, IResource] | None = None,
+    metrics: Metrics | None = None,
 ) -> Klein:
     """The Klein app of the REST API over ``pool``.
 
@@ -305,7 +309,9 @@ def make_api(
     any).  ``long_poll_default`` is how long fetch-events waits without ``?wait=``, and
     ``max_long_poll`` caps what a client may ask for.  ``mounts`` serve whole subtrees
     (``{"console": ...}`` answers everything under ``/console/``: the WebSocket and streaming
-    proxies of :mod:`vmcloud.console`, which make their own checks and JSON refusals).
+    proxies of :mod:`vmcloud.console`, which make their own checks and JSON refusals).  ``metrics``
+    is what ``/metrics`` serves, with the pool read at each scrape (the composition root's, fed by
+    the components it built; a fresh one without).
     """
     api = RestApi(
         pool,
@@ -314,6 +320,7 @@ def make_api(
         static_dir=static_dir,
         long_poll_default=long_poll_default,
         max_long_poll=max_long_poll,
+        metrics=metrics,
     )
     app = _ApiApp()
     # A homepage may hold "//" once decoded; merging slashes would redirect instead of routing.

@@ -224,6 +224,7 @@ class BrokerStats:
     paused_publishers: int
     dropped_messages: int
     delivered_messages: int
+    published_messages: int
 
 
 class Realm:
@@ -239,6 +240,7 @@ class Realm:
         self._blocked = 0
         self._dropped = 0
         self._delivered = 0
+        self._published = 0
         self._subscriptions = 0
         self._unacked = 0
 
@@ -374,6 +376,7 @@ class Realm:
             user.update(stamp)
         size = len(body) + _MESSAGE_OVERHEAD + sum(map(len, user)) + sum(map(len, user.values()))
         message = Message(f"m-{next(self._ids)}", destination, user, body, size)
+        self._published += 1
         if is_queue(destination):
             self._enqueue(publisher, message)
         else:
@@ -603,6 +606,7 @@ class Realm:
             paused_publishers=self._blocked,
             dropped_messages=self._dropped,
             delivered_messages=self._delivered,
+            published_messages=self._published,
         )
 
     # -- back-pressure

@@ -23,6 +23,7 @@ import contextlib
 import io
 import re
 import threading
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
@@ -48,6 +49,7 @@ from vmcloud.pool.interfaces import (
     RateLimited,
     ServerStatus,
 )
+from vmcloud.timings import NO_TIMINGS, NOVA_CALL, OK, ITimings
 
 log = Logger()
 
@@ -346,6 +348,21 @@ def translate(error: Exception) -> CloudError:
     return UnexpectedCloudError(f"unexpected {type(error).__name__}: {message}", traceback.format_exc())
 
 
+def call_outcome(error: CloudError) -> str:
+    """A failed call's ``outcome`` in the Nova call histogram (one of ``timings.CLOUD_OUTCOMES``)."""
+    if isinstance(error, QuotaExceeded):
+        return "quota"
+    if isinstance(error, RateLimited):
+        return "ratelimit"
+    if isinstance(error, UnexpectedCloudError):
+        return "error"
+    if isinstance(error, CloudUnavailable):
+        return "unavailable"
+    if isinstance(error, BadCloudRequest):
+        return "refused"
+    return "error"
+
+
 @implementer(ICloudDriver)
 class NovaDriver:
     """:class:`~vmcloud.pool.interfaces.ICloudDriver` for OpenStack Nova.
@@ -365,6 +382,7 @@ class NovaDriver:
         dispatch: Dispatch,
         clock: IReactorTime,
         controller_name: str,
+        timings: ITimings = NO_TIMINGS,
     ) -> None:
         if not prefix:
             raise NovaConfigError("the server name prefix must not be empty (it scopes every listing)")
@@ -374,6 +392,7 @@ class NovaDriver:
         self.controller_name = controller_name
         self._dispatch = dispatch
         self._clock = clock
+        self._timings = timings
         self._local = threading.local()
         self._health = NovaHealth()
         if config.floating_ip_pool:
@@ -476,21 +495,29 @@ class NovaDriver:
     # ------------------------------------------------------------------ plumbing
 
     async def _call(self, operation: str, fn: Callable[[], T], *, quota_call: bool = False) -> T:
+        took = 0.0  # the call itself, in its thread (not its wait for a free thread)
+
         def guarded() -> T:
+            nonlocal took
+            started = time.perf_counter()
             try:
                 return fn()
             except CloudError:
                 raise
             except Exception as e:
                 translated = translate(e)
+            finally:
+                took = time.perf_counter() - started
             # Raised outside the except block, so not even __context__ carries novaclient's exception.
             raise translated
 
         try:
             result = await self._dispatch(guarded)
         except CloudError as e:
+            self._timings.observe(NOVA_CALL, took, call=operation, outcome=call_outcome(e))
             self._record_failure(operation, e, quota_call)
             raise
+        self._timings.observe(NOVA_CALL, took, call=operation, outcome=OK)
         now = self._clock.seconds()
         self._health = attrs.evolve(
             self._health,

@@ -57,6 +57,7 @@ from vmcloud.pool.plan import (
 )
 from vmcloud.pool.snapshot import SnapshotWriter, cookie_json
 from vmcloud.pool.state import PoolState
+from vmcloud.timings import NO_TIMINGS, RECONCILE_PASS, ITimings
 
 log = Logger()
 
@@ -153,8 +154,11 @@ class Reconciler:
         state: PoolState,
         *,
         grouping: Callable[[], AbstractContextManager[None]] = nullcontext,
+        timings: ITimings = NO_TIMINGS,
     ) -> None:
         self.clock = clock
+        #: Where the wall time of each pass is told (the ``/metrics`` histogram).
+        self._timings = timings
         #: What a pass runs in, so that the lines of its many state changes can be grouped.
         self._grouping = grouping
         self.driver = driver
@@ -237,6 +241,7 @@ class Reconciler:
             self.passes += 1
             self.last_pass_seconds = elapsed
             self.slowest_pass_seconds = max(self.slowest_pass_seconds, elapsed)
+            self._timings.observe(RECONCILE_PASS, elapsed)
 
     def _plan_and_start(self) -> None:
         """Apply every action's marks; start its effect now, or queue it if it is a guest word."""

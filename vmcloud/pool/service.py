@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from vmcloud.pool.config import PoolConfig
+from vmcloud.pool.durations import observe_transition
 from vmcloud.pool.interfaces import (
     BatchCancelled,
     BatchOptions,
@@ -56,6 +57,7 @@ from vmcloud.pool.plan import effective_size, preparation_queue
 from vmcloud.pool.reconciler import Reconciler
 from vmcloud.pool.snapshot import SnapshotError, restore
 from vmcloud.pool.state import GuestRefused, PoolState
+from vmcloud.timings import NO_TIMINGS, ITimings
 
 __all__ = ["PoolConfig", "PoolService"]
 
@@ -217,6 +219,7 @@ class PoolService(Service):
         config: PoolConfig,
         *,
         epoch: str | None = None,
+        timings: ITimings = NO_TIMINGS,
     ) -> None:
         self.setName("pool")
         self.config = config
@@ -228,8 +231,9 @@ class PoolService(Service):
         spec = PoolSpec(min(config.initial_min, maximum), maximum, config.initial_linger_ms)
         state = PoolState(epoch or secrets.token_hex(3), spec, config.events_per_handle)
         self._lines = StateLines()
+        self._timings = timings
         self._reconciler = Reconciler(
-            clock, driver, channel, store, config, state, grouping=self._lines.grouped
+            clock, driver, channel, store, config, state, grouping=self._lines.grouped, timings=timings
         )
         self._waiters: dict[str, list[Deferred[None]]] = {}
         self._expiry: dict[str, IDelayedCall] = {}
@@ -730,6 +734,7 @@ class PoolService(Service):
                 self._access_ended(None, old.vmid, why)
         if old is not None and new is not None and new.state is VMState.FREE and old.state in BOOTED:
             self._reconciler.guest_arrived()
+        observe_transition(self._timings, old, new, self.state.handles)
         before = old.state.value if old is not None else "new"
         self._lines.say(vm.vmid, before, new.state.value if new is not None else "gone", _why(new))
 

@@ -56,6 +56,7 @@ from zope.interface import implementer
 
 from vmcloud.pool.interfaces import ICheckpointStore
 from vmcloud.pool.snapshot import EncodedRecord, encode_json
+from vmcloud.timings import CHECKPOINT_WRITE, NO_TIMINGS, ITimings
 
 SCHEMA_VERSION = 1
 """The envelope version this code writes and the only one it reads."""
@@ -328,7 +329,7 @@ class CheckpointStore:
 
     ``dispatch`` runs a write off the reactor thread (see :func:`thread_dispatcher`); ``clock``
     stamps checkpoints, names corrupt files and times retries; ``files`` performs the file
-    operations of a write.
+    operations of a write; ``timings`` is told how long each good write took.
 
     A failed write is logged with its reason and the newest snapshot is tried again
     ``retry_delay`` seconds later (saves in between only replace it, so a full disk costs one
@@ -349,6 +350,7 @@ class CheckpointStore:
         files: FileOps = REAL_FILE_OPS,
         retry_delay: float = 5.0,
         min_interval: float = 0.0,
+        timings: ITimings = NO_TIMINGS,
     ) -> None:
         self.directory = path
         self.target = path.child(CHECKPOINT_NAME)
@@ -358,6 +360,7 @@ class CheckpointStore:
         self._files = files
         self._retry_delay = retry_delay
         self._min_interval = min_interval
+        self._timings = timings
 
         # Snapshots are numbered by save().  At most one is being written and at most one waits
         # (the newest); a waiting snapshot may be held back by a timer (retry or min_interval).
@@ -497,6 +500,7 @@ class CheckpointStore:
     def _succeeded(self, result: _Written, number: int, started: float) -> None:
         self._writes += 1
         self._last = result
+        self._timings.observe(CHECKPOINT_WRITE, result.write_seconds)
         self._last_written = started
         if self._last_error is not None:
             self.log.info(
