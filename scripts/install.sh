@@ -22,6 +22,7 @@ command -v setpriv >/dev/null 2>&1 || packages+=(util-linux)
 command -v xdpyinfo >/dev/null 2>&1 || packages+=(x11-utils)  # tests/integration/test_browser_isolation.py
 fc-list 2>/dev/null | grep -qi dejavu || packages+=(fonts-dejavu-core)
 command -v pacat >/dev/null 2>&1 || packages+=(pulseaudio-utils)  # bench/worker.py listens to a VM's speaker
+for t in debootstrap systemd-analyze:systemd shellcheck; do command -v "${t%%:*}" >/dev/null 2>&1 || packages+=("${t#*:}"); done  # tests/integration/test_guest_image.py
 # the external-broker tests (scripts/rabbitmq-stomp.sh enables its STOMP plugin on 127.0.0.1:61614)
 command -v rabbitmqctl >/dev/null 2>&1 || packages+=(rabbitmq-server)
 if [ ${#packages[@]} -gt 0 ]; then
