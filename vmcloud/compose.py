@@ -39,10 +39,12 @@ from twisted.web.resource import IResource
 
 from vmcloud import memory
 from vmcloud.api.accesslog import redacted_log_formatter
+from vmcloud.api.metrics import Metrics
 from vmcloud.api.site import ApiSite
 from vmcloud.config import Config, ConfigError, listen_backlog, listens_on_loopback_only, with_backlog
 from vmcloud.service import SequentialMultiService
 from vmcloud.threads import ThreadPoolService, Threads, ThreadsFactory
+from vmcloud.timings import NO_TIMINGS, ITimings
 
 if TYPE_CHECKING:
     from vmcloud.broker import Broker
@@ -130,12 +132,15 @@ def build_controller(reactor: Any, deployment: Deployment, threads: ThreadsFacto
     controller_name = config.pool.controller_name or socket.gethostname()
     # every listener queues a whole pool's reconnects (a restarted broker), see listen_backlog
     room = Room(SequentialMultiService(), reactor, listen_backlog(config.pool.max_pool_size))
+    metrics = Metrics()  # /metrics: the rooms below tell it their durations, the broker is read
 
     cloud_threads = add_threads(room, make_threads("vmcloud-cloud", config.pool.cloud_threads))
     store_threads = add_threads(room, make_threads("vmcloud-checkpoint", 1))
     add_memory_trim(room, store_threads)
-    store = build_store(reactor, state_dir, store_threads)
+    store = build_store(reactor, state_dir, store_threads, timings=metrics)
     channel, broker = add_broker_and_channel(room, deployment)
+    if broker is not None:
+        metrics.watch_broker(broker.stats)
     driver = add_driver(
         room,
         deployment,
@@ -145,9 +150,10 @@ def build_controller(reactor: Any, deployment: Deployment, threads: ThreadsFacto
         broker=broker,
         # the pool is built below; the driver asks at stop whether VMs are left to keep
         vms_left=lambda: bool(pool.state.vms),
+        timings=metrics,
     )
-    pool = add_pool(room, config, driver, channel, store, controller_name)
-    add_api(room, config, pool, state_dir)
+    pool = add_pool(room, config, driver, channel, store, controller_name, timings=metrics)
+    add_api(room, config, pool, state_dir, metrics=metrics)
     return room.root
 
 
@@ -166,11 +172,13 @@ def add_memory_trim(room: Room, threads: Threads) -> None:
     trimming.setServiceParent(room.root)
 
 
-def build_store(clock: IReactorTime, state_dir: FilePath[str], threads: Threads) -> ICheckpointStore:
+def build_store(
+    clock: IReactorTime, state_dir: FilePath[str], threads: Threads, *, timings: ITimings = NO_TIMINGS
+) -> ICheckpointStore:
     """The pool's checkpoint in ``state_dir``, written on ``threads``."""
     from vmcloud.store.checkpoint import CheckpointStore
 
-    return CheckpointStore(state_dir, dispatch=threads.dispatch, clock=clock)
+    return CheckpointStore(state_dir, dispatch=threads.dispatch, clock=clock, timings=timings)
 
 
 def add_broker_and_channel(room: Room, deployment: Deployment) -> tuple[IGuestChannel, Broker | None]:
@@ -235,6 +243,7 @@ def add_driver(
     cloud_threads: Threads,
     broker: Broker | None,
     vms_left: Callable[[], bool],
+    timings: ITimings = NO_TIMINGS,
 ) -> ICloudDriver:
     """The cloud driver of ``[pool] driver``."""
     config = deployment.config
@@ -248,6 +257,7 @@ def add_driver(
             dispatch=cloud_threads.dispatch,
             clock=room.reactor,
             controller_name=controller_name,
+            timings=timings,
         )
     return add_local_driver(room, deployment, state_dir=state_dir, broker=broker, vms_left=vms_left)
 
@@ -318,17 +328,23 @@ def add_pool(
     channel: IGuestChannel,
     store: ICheckpointStore,
     controller_name: str,
+    *,
+    timings: ITimings = NO_TIMINGS,
 ) -> PoolService:
     """The pool: restores the checkpoint at start, reconciles, drains at stop."""
     from vmcloud.pool.config import pool_config
     from vmcloud.pool.service import PoolService
 
-    pool = PoolService(room.reactor, driver, channel, store, pool_config(config, controller_name))
+    pool = PoolService(
+        room.reactor, driver, channel, store, pool_config(config, controller_name), timings=timings
+    )
     pool.setServiceParent(room.root)
     return pool
 
 
-def add_api(room: Room, config: Config, pool: PoolService, state_dir: FilePath[str]) -> None:
+def add_api(
+    room: Room, config: Config, pool: PoolService, state_dir: FilePath[str], *, metrics: Metrics | None = None
+) -> None:
     """The HTTP API (with the console and audio proxies mounted), listening last, closing first."""
     from vmcloud.api.app import make_api
     from vmcloud.console.proxies import build_proxies
@@ -349,6 +365,7 @@ def add_api(room: Room, config: Config, pool: PoolService, state_dir: FilePath[s
         long_poll_default=config.api.long_poll_default,
         max_long_poll=config.api.long_poll_max,
         mounts=proxies.mounts,
+        metrics=metrics,
     )
     room.listen(
         config.api.listen, make_site(app.resource(), config.api.access_log, state_dir), "api-listener"
