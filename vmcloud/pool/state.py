@@ -1,24 +1,29 @@
-"""The whole pool in memory: VMs, batches, handles and pending locks, indexed for the plan.
+"""The whole pool in memory: VMs, batches, handles and pending locks, and what happens to them.
 
-``PoolState`` is the one mutable object of the pool's core.  It holds frozen records and keeps
-indexes over them (VMs by state, by (state, batch), by server, login, MAC, IP and identity) so
-that a reconcile pass over thousands of VMs looks up what it needs instead of scanning.  Its
-methods apply what happened (a boot answer, a HELLO, a lock) as the pure transitions of
-:mod:`vmcloud.pool.model` say; it does no I/O and reads no clock: ``now`` is always passed in.
+``PoolState`` is the one mutable object of the pool's core.  It holds frozen records and applies
+what happened (a boot answer, a HELLO, a lock) as the pure transitions of :mod:`vmcloud.pool.model`
+say; it does no I/O and reads no clock: ``now`` is always passed in.  It composes the parts that
+each do one job, and tells each of them every change of a record:
 
-Observers: ``on_transition(old, new)`` sees every change of a VM's state (None for a VM that
-appears or disappears), ``on_handle_event(token, event)`` every event put on a handle.  The
-service logs the first and wakes long-polls with the second.
+- :class:`~vmcloud.pool.indexes.StateIndex`: VMs by state and by (state, batch), for the plan;
+- :class:`~vmcloud.pool.guests.GuestDirectory`: which VM a guest's HELLO is (:class:`GuestRefused`);
+- :class:`~vmcloud.pool.strays.Strays`: servers in the cloud that no VM tracks;
+- :class:`~vmcloud.pool.observers.PoolObservers`: ``on_transition(old, new)`` sees every change of a
+  VM's state (None for a VM that appears or disappears), ``on_handle_event(token, event)`` every
+  event put on a handle, ``on_handle_gone(token)`` every handle that goes.  The service logs the
+  first and wakes long-polls with the second.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 
 from vmcloud.pool import model
+from vmcloud.pool.guests import GuestDirectory, GuestRefused
+from vmcloud.pool.indexes import StateIndex, reindex
 from vmcloud.pool.interfaces import ERROR as SERVER_ERROR
 from vmcloud.pool.interfaces import BatchOptions, GuestInfo, ServerStatus
 from vmcloud.pool.model import (
@@ -34,38 +39,23 @@ from vmcloud.pool.model import (
     Stray,
     VMState,
 )
+from vmcloud.pool.observers import EventObserver, HandleGoneObserver, PoolObservers, TransitionObserver
+from vmcloud.pool.strays import Strays
 
-#: States whose VMs are indexed by batch as well.
-_SLOTTED = frozenset({VMState.READY, VMState.WAIT, VMState.OCCUPIED})
-
-TransitionObserver = Callable[[VM | None, VM | None], None]
-EventObserver = Callable[[str, Event], None]
-
-
-class GuestRefused(Exception):
-    """A guest claimed a VM that is bound to someone else; the message says which and why."""
-
-
-def normalize_mac(mac: str) -> str:
-    """One spelling for a MAC, whether a cloud or a guest (or an identity) wrote it."""
-    return mac.strip().lower().replace("-", ":")
+__all__ = ["GuestRefused", "PoolState"]
 
 
 class PoolState:
-    """VMs, batches, handles and pending locks, with the indexes the plan needs."""
+    """VMs, batches, handles and pending locks; the transitions that happen to them."""
 
     __slots__ = (
-        "_by_identity",
-        "_by_ip",
-        "_by_login",
-        "_by_mac",
         "_by_server",
-        "_by_state",
-        "_capabilities",
+        "_directory",
+        "_index",
+        "_observers",
         "_pending_by_batch",
         "_ready_events",
-        "_released",
-        "_slots",
+        "_strays",
         "batches",
         "changes",
         "cloud",
@@ -75,14 +65,9 @@ class PoolState:
         "handles",
         "next_batch",
         "next_vmid",
-        "on_handle_event",
-        "on_handle_gone",
-        "on_transition",
         "pending",
         "shutting_down",
         "spec",
-        "strays",
-        "unmatched",
         "vms",
     )
 
@@ -96,34 +81,23 @@ class PoolState:
         self.handles: dict[str, Handle] = {}
         #: Locks waiting for a VM, by handle token, oldest first.
         self.pending: dict[str, PendingLock] = {}
-        self.strays: dict[str, Stray] = {}
         self.cloud = CloudHealth()
         #: What the guest channel knows of each guest (refreshed every tick and on every HELLO).
         self.guests: dict[str, GuestInfo] = {}
-        #: Guests that said HELLO but matched no VM yet, with the time they did.
-        self.unmatched: dict[str, tuple[GuestInfo, float]] = {}
-        #: One tuple per distinct set of guest capabilities, shared by every VM saying it.
-        self._capabilities: dict[tuple[str, ...], tuple[str, ...]] = {}
         self.shutting_down = False
         self.next_vmid = 1
         self.next_batch = 1
         #: Bumped by every change; the reconciler checkpoints when it moved.
         self.changes = 0
-        self.on_transition: TransitionObserver | None = None
-        self.on_handle_event: EventObserver | None = None
-        self.on_handle_gone: Callable[[str], None] | None = None
-        self._by_state: dict[VMState, dict[str, None]] = {s: {} for s in VMState}
-        self._slots: dict[tuple[VMState, str | None], dict[str, None]] = {}
-        self._released: dict[str, None] = {}
+        self._index = StateIndex()
+        self._directory = GuestDirectory()
+        self._strays = Strays()
+        self._observers = PoolObservers()
+        self._by_server: dict[str, str] = {}
         self._pending_by_batch: dict[str, int] = {}
         #: Events a READY VM's guest said before a handle took it (its home page's load), by vmid:
         #: the handle that takes the VM hears them after vm-assigned.  Not checkpointed.
         self._ready_events: dict[str, list[Mapping[str, Any]]] = {}
-        self._by_server: dict[str, str] = {}
-        self._by_login: dict[str, str] = {}
-        self._by_identity: dict[str, str] = {}
-        self._by_mac: dict[str, str] = {}
-        self._by_ip: dict[str, str] = {}
 
     def __repr__(self) -> str:
         vms = ", ".join(
@@ -141,6 +115,46 @@ class PoolState:
             f"shutting_down={self.shutting_down}>"
         )
 
+    # ------------------------------------------------------------------ the parts, as the rooms see them
+
+    @property
+    def strays(self) -> dict[str, Stray]:
+        """Servers that no VM tracks, by server id (see :class:`~vmcloud.pool.strays.Strays`)."""
+        return self._strays.seen
+
+    @strays.setter
+    def strays(self, strays: dict[str, Stray]) -> None:
+        self._strays.seen = strays
+
+    @property
+    def unmatched(self) -> dict[str, tuple[GuestInfo, float]]:
+        """Guests that said HELLO but matched no VM yet, with the time they did."""
+        return self._directory.unmatched
+
+    @property
+    def on_transition(self) -> TransitionObserver | None:
+        return self._observers.on_transition
+
+    @on_transition.setter
+    def on_transition(self, observer: TransitionObserver | None) -> None:
+        self._observers.on_transition = observer
+
+    @property
+    def on_handle_event(self) -> EventObserver | None:
+        return self._observers.on_handle_event
+
+    @on_handle_event.setter
+    def on_handle_event(self, observer: EventObserver | None) -> None:
+        self._observers.on_handle_event = observer
+
+    @property
+    def on_handle_gone(self) -> HandleGoneObserver | None:
+        return self._observers.on_handle_gone
+
+    @on_handle_gone.setter
+    def on_handle_gone(self, observer: HandleGoneObserver | None) -> None:
+        self._observers.on_handle_gone = observer
+
     # ------------------------------------------------------------------ VMs and their indexes
 
     def vmid_for(self, n: int) -> str:
@@ -149,65 +163,46 @@ class PoolState:
 
     def ids(self, state: VMState) -> dict[str, None]:
         """The vmids in ``state``, in the order they entered it (an ordered set: do not mutate)."""
-        return self._by_state[state]
+        return self._index.ids(state)
 
     def count(self, state: VMState) -> int:
-        return len(self._by_state[state])
+        return self._index.count(state)
 
     def members(self, state: VMState, batch: str | None) -> dict[str, None]:
         """READY / WAIT / OCCUPIED vmids of a batch (WAIT with None: cleanups), oldest first."""
-        return self._slots.get((state, batch), {})
+        return self._index.members(state, batch)
 
     def released(self) -> dict[str, None]:
         """OCCUPIED VMs whose handle is gone: each wants a CLEANUP."""
-        return self._released
+        return self._index.released()
 
     def vm_by_identity(self, identity: str) -> VM | None:
-        vmid = self._by_identity.get(identity)
+        vmid = self._directory.vmid_of(identity)
         return None if vmid is None else self.vms.get(vmid)
 
     def alive_count(self) -> int:
         """VMs counting towards the pool size (neither ERROR nor KILLING)."""
-        return len(self.vms) - self.count(VMState.ERROR) - self.count(VMState.KILLING)
+        return len(self.vms) - self._index.count(VMState.ERROR) - self._index.count(VMState.KILLING)
 
     def put(self, vm: VM) -> VM:
         """Store a VM record, keeping every index true; returns the record."""
         old = self.vms.get(vm.vmid)
         self.vms[vm.vmid] = vm
         self.changes += 1
-        vmid = vm.vmid
-        if old is None or old.state is not vm.state:
-            if old is not None:
-                self._by_state[old.state].pop(vmid, None)
-                if old.state is VMState.READY and vm.state is not VMState.OCCUPIED and self._ready_events:
-                    self._ready_events.pop(vmid, None)  # never lent: its early events go with it
-            self._by_state[vm.state][vmid] = None
-        old_slot = _slot(old)
-        new_slot = _slot(vm)
-        if old_slot != new_slot:
-            if old_slot is not None:
-                self._unslot(old_slot, vmid)
-            if new_slot is not None:
-                self._slots.setdefault(new_slot, {})[vmid] = None
-        if vm.released:
-            self._released[vmid] = None
-        elif old is not None and old.released:
-            self._released.pop(vmid, None)
+        self._index.move(old, vm)
         if (
-            old is None
-            or old.server_id != vm.server_id
-            or old.login != vm.login
-            or old.identity != vm.identity
-            or old.macs != vm.macs
-            or old.ips != vm.ips
-        ):  # most changes are of state alone: a 500-VM batch must not rebuild five index entries each
-            _reindex(self._by_server, old, vm, lambda v: (v.server_id,))
-            _reindex(self._by_login, old, vm, lambda v: (v.login,))
-            _reindex(self._by_identity, old, vm, lambda v: (v.identity,))
-            _reindex(self._by_mac, old, vm, lambda v: tuple(normalize_mac(m) for m in v.macs))
-            _reindex(self._by_ip, old, vm, lambda v: v.ips)
-        if self.on_transition is not None and (old is None or old.state is not vm.state):
-            self.on_transition(old, vm)
+            old is not None
+            and old.state is VMState.READY
+            and vm.state is not VMState.READY
+            and vm.state is not VMState.OCCUPIED
+            and self._ready_events
+        ):
+            self._ready_events.pop(vm.vmid, None)  # never lent: its early events go with it
+        if old is None or old.server_id != vm.server_id:
+            reindex(self._by_server, old, vm, _server_id)
+        self._directory.move(old, vm)
+        if old is None or old.state is not vm.state:
+            self._observers.transition(old, vm)
         return vm
 
     def remove_vm(self, vmid: str) -> VM | None:
@@ -216,27 +211,12 @@ class PoolState:
         if vm is None:
             return None
         self.changes += 1
-        self._by_state[vm.state].pop(vmid, None)
+        self._index.drop(vm)
         self._ready_events.pop(vmid, None)
-        slot = _slot(vm)
-        if slot is not None:
-            self._unslot(slot, vmid)
-        self._released.pop(vmid, None)
-        _reindex(self._by_server, vm, None, lambda v: (v.server_id,))
-        _reindex(self._by_login, vm, None, lambda v: (v.login,))
-        _reindex(self._by_identity, vm, None, lambda v: (v.identity,))
-        _reindex(self._by_mac, vm, None, lambda v: tuple(normalize_mac(m) for m in v.macs))
-        _reindex(self._by_ip, vm, None, lambda v: v.ips)
-        if self.on_transition is not None:
-            self.on_transition(vm, None)
+        reindex(self._by_server, vm, None, _server_id)
+        self._directory.move(vm, None)
+        self._observers.transition(vm, None)
         return vm
-
-    def _unslot(self, slot: tuple[VMState, str | None], vmid: str) -> None:
-        members = self._slots.get(slot)
-        if members is not None:
-            members.pop(vmid, None)
-            if not members:
-                del self._slots[slot]
 
     def current(self, vmid: str, version: int) -> VM | None:
         """The VM if it is still at ``version``: else an answer about it is stale."""
@@ -319,8 +299,7 @@ class PoolState:
             return None
         self.changes += 1
         self._unpend(token)
-        if self.on_handle_gone is not None:
-            self.on_handle_gone(token)
+        self._observers.handle_gone(token)
         if handle.vmid is not None:
             vm = self.vms.get(handle.vmid)
             if vm is not None and vm.handle == token:
@@ -337,8 +316,7 @@ class PoolState:
             return None
         event = handle.events.append(data, now)
         self.changes += 1
-        if self.on_handle_event is not None:
-            self.on_handle_event(token, event)
+        self._observers.handle_event(token, event)
         return event
 
     def _detach(self, vm: VM, reason: str, now: float) -> None:
@@ -438,47 +416,27 @@ class PoolState:
     # ------------------------------------------------------------------ what guests say
 
     def match_guest(self, guest: GuestInfo) -> str | None:
-        """The VM a guest belongs to, or None while none is known for it yet.
+        """The VM a guest belongs to, or None; see :meth:`~vmcloud.pool.guests.GuestDirectory.match`.
 
-        A guest is who its credentials say and nothing else: a VM bound to a login or identity
-        goes to that guest only, and the guest logging in with the credentials minted for a VM
-        always gets that VM (even from a guest that claimed it first).  What a guest merely claims
-        (a MAC or IP in its HELLO) picks only among VMs nobody is bound to yet; a claim on a bound
-        VM raises :class:`GuestRefused`, so that a guest that reaches the broker cannot take over a
-        VM (and with it the next worker's cookies and VNC password).  Claims come only from guests
-        without minted credentials: anonymous ones, which the broker takes from its own host only,
-        and those an external broker passes on; a VM's own guest is matched by its login first.
+        Raises :class:`GuestRefused` when the guest claims a VM bound to another guest.
         """
-        if guest.login is not None and guest.login in self._by_login:
-            return self._by_login[guest.login]
-        if guest.identity in self._by_identity:
-            return self._by_identity[guest.identity]
-        vmid = None
-        if guest.mac and normalize_mac(guest.mac) in self._by_mac:
-            vmid, claim = self._by_mac[normalize_mac(guest.mac)], f"mac {guest.mac}"
-        elif guest.ip and guest.ip in self._by_ip:
-            vmid, claim = self._by_ip[guest.ip], f"ip {guest.ip}"
-        if vmid is None:
-            return None
-        vm = self.vms[vmid]
-        if vm.identity is not None:
-            raise GuestRefused(f"its {claim} names VM {vmid}, already bound to guest {vm.identity}")
-        return vmid
+        return self._directory.match(guest, self.vms)
 
     def guest_hello(self, guest: GuestInfo, now: float) -> VM | None:
         """A guest said HELLO: a booting VM becomes FREE, a recovering one is back.
 
         Raises :class:`GuestRefused` when the guest claims a VM that is not its own.
         """
+        unmatched = self._directory.unmatched
         try:
-            vmid = self.match_guest(guest)
+            vmid = self._directory.match(guest, self.vms)
         except GuestRefused:
-            self.unmatched.pop(guest.identity, None)
+            unmatched.pop(guest.identity, None)
             raise
         if vmid is None:
-            self.unmatched[guest.identity] = (guest, now)
+            unmatched[guest.identity] = (guest, now)
             return None
-        self.unmatched.pop(guest.identity, None)
+        unmatched.pop(guest.identity, None)
         self.guests[guest.identity] = guest
         vm = self.vms[vmid]
         if not vm.alive:
@@ -489,7 +447,7 @@ class PoolState:
             identity=_same(guest.identity, vm.login),
             mac=_same(guest.mac, *vm.macs),
             ip=_same(guest.ip, *vm.ips),
-            capabilities=self._shared_capabilities(guest.capabilities),
+            capabilities=self._directory.shared_capabilities(guest.capabilities),
             recovering=False,
         )
         if vm.state is VMState.BOOTING:
@@ -498,14 +456,8 @@ class PoolState:
             return self.put(known)
         return vm
 
-    def _shared_capabilities(self, capabilities: Iterable[str]) -> tuple[str, ...]:
-        key = tuple(capabilities)
-        if len(self._capabilities) >= 64 and key not in self._capabilities:
-            return key  # a bounded cache: odd guests cannot grow it without end
-        return self._capabilities.setdefault(key, key)
-
     def guest_gone(self, identity: str, reason: str, now: float) -> VM | None:
-        self.unmatched.pop(identity, None)
+        self._directory.unmatched.pop(identity, None)
         vm = self.vm_by_identity(identity)
         if vm is None or vm.recovering or vm.state in (VMState.CREATING, VMState.BOOTING):
             return None
@@ -526,9 +478,10 @@ class PoolState:
     def retry_unmatched(self, now: float, patience: float) -> list[VM]:
         """Match again guests that said HELLO before the cloud told us their addresses."""
         matched = []
-        for identity, (guest, seen) in list(self.unmatched.items()):
+        unmatched = self._directory.unmatched
+        for identity, (guest, seen) in list(unmatched.items()):
             if now - seen > patience:
-                del self.unmatched[identity]
+                del unmatched[identity]
             else:
                 try:
                     vm = self.guest_hello(guest, now) if self.match_guest(guest) is not None else None
@@ -566,30 +519,27 @@ class PoolState:
                 vm = self.put(attrs.evolve(vm, macs=macs, ips=ips))
             if status.status == SERVER_ERROR and vm.alive:
                 self.fail_vm(vmid, f"cloud reports ERROR: {status.fault or 'no reason given'}", now)
-        creating = self._by_state[VMState.CREATING]
-        strays: dict[str, Stray] = {}
+        if self._strays.count(self._untracked(listed, prefix)):
+            self.changes += 1
+
+    def _untracked(self, listed: Mapping[str, ServerStatus], prefix: str) -> list[ServerStatus]:
+        """The listed servers no VM tracks, but for those whose boot answer is on its way."""
+        creating = self._index.ids(VMState.CREATING)
+        untracked = []
         for server_id, status in listed.items():
             if server_id in self._by_server:
                 continue
             vmid = status.metadata.get("vmcloud-vmid") or status.name[len(prefix) :]
             if vmid in creating or (vmid in self.vms and self.vms[vmid].server_id is None):
                 continue  # its boot answer is on its way
-            before = self.strays.get(server_id)
-            if before is None:
-                strays[server_id] = Stray(server_id, status.name)
-            else:
-                strays[server_id] = attrs.evolve(before, seen=before.seen + 1)
-        if strays != self.strays:
-            self.strays = strays
-            self.changes += 1
+            untracked.append(status)
+        return untracked
 
     def stray_deleting(self, server_id: str, now: float) -> None:
-        stray = self.strays.get(server_id)
-        if stray is not None:
-            self.strays[server_id] = attrs.evolve(stray, deleting_since=now)
+        self._strays.deleting(server_id, now)
 
     def stray_deleted(self, server_id: str) -> None:
-        self.strays.pop(server_id, None)
+        self._strays.deleted(server_id)
 
 
 def _server_port(server: object) -> int | None:
@@ -612,27 +562,5 @@ def _same(value: str | None, *known: str | None) -> str | None:
     return value
 
 
-def _slot(vm: VM | None) -> tuple[VMState, str | None] | None:
-    if vm is None or vm.state not in _SLOTTED:
-        return None
-    return (vm.state, vm.batch)
-
-
-def _reindex(
-    index: dict[str, str],
-    old: VM | None,
-    new: VM | None,
-    keys: Callable[[VM], Iterable[str | None]],
-) -> None:
-    """Move a VM's entries in one index from its old keys to its new ones."""
-    old_keys = set(keys(old)) if old is not None else set()
-    new_keys = set(keys(new)) if new is not None else set()
-    if old_keys == new_keys and new is not None:
-        return
-    vmid = (old or new).vmid  # type: ignore[union-attr]
-    for key in old_keys - new_keys:
-        if key is not None and index.get(key) == vmid:
-            del index[key]
-    for key in new_keys:
-        if key is not None:
-            index[key] = vmid
+def _server_id(vm: VM) -> tuple[str | None]:
+    return (vm.server_id,)
