@@ -16,12 +16,13 @@ from zope.interface import Interface, implementer
 
 #: A handle's wait from /lock until a VM was assigned to it (0 when a READY VM was there).
 LOCK_ASSIGNED = "lock_assigned"
-#: A VM's PREPARE, WAIT to READY; label ``outcome``: ``ok`` or ``failed`` (the VM went to ERROR).
+#: A VM's PREPARE, WAIT to READY; label ``outcome``: ``ok``, or ``failed`` when the VM went to ERROR
+#: or was terminated instead (a timeout, a shutdown).
 PREPARE = "prepare"
-#: A VM's CLEANUP, WAIT to FREE; label ``outcome``: ``ok`` or ``failed``.
+#: A VM's CLEANUP, WAIT to FREE; label ``outcome`` as for :data:`PREPARE`.
 CLEANUP = "cleanup"
 #: A VM's boot, from asking the cloud for its server until its guest's HELLO made it FREE;
-#: label ``outcome``: ``ok`` or ``failed`` (it went to ERROR before that).
+#: label ``outcome`` as for :data:`PREPARE` (``failed``: no HELLO in time, for one).
 BOOT = "boot"
 #: One reconcile pass (plan, apply, start effects), wall time.
 RECONCILE_PASS = "reconcile_pass"

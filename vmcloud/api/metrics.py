@@ -339,7 +339,7 @@ HISTOGRAMS: tuple[Timed, ...] = (
     Timed(
         timings.PREPARE,
         "vmcloud_prepare_seconds",
-        "A VM's PREPARE, WAIT to READY (outcome failed: it went to ERROR instead).",
+        "A VM's PREPARE, WAIT to READY (outcome failed: ERROR or terminated instead).",
         _GUEST_WORK,
         ("outcome",),
         _PHASE_OUTCOMES,
@@ -347,7 +347,7 @@ HISTOGRAMS: tuple[Timed, ...] = (
     Timed(
         timings.CLEANUP,
         "vmcloud_cleanup_seconds",
-        "A VM's CLEANUP, WAIT to FREE (outcome failed: it went to ERROR instead).",
+        "A VM's CLEANUP, WAIT to FREE (outcome failed: ERROR or terminated instead).",
         _GUEST_WORK,
         ("outcome",),
         _PHASE_OUTCOMES,
@@ -355,7 +355,7 @@ HISTOGRAMS: tuple[Timed, ...] = (
     Timed(
         timings.BOOT,
         "vmcloud_boot_seconds",
-        "A VM's boot, from asking the cloud for it to FREE (outcome failed: ERROR before its HELLO).",
+        "A VM's boot, from asking the cloud for it to FREE (outcome failed: ERROR or terminated first).",
         # seconds on the local driver, one to a few minutes on Nova, 240 s timeout_boot by default
         (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 240.0, 300.0, 600.0),
         ("outcome",),
