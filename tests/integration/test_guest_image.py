@@ -3,7 +3,8 @@
 A Debian 12 chroot (``debootstrap --variant=minbase``, the host's apt cache) goes through the script,
 then the result is checked from inside: the agent starts (``--help``) and imports every guest module
 with only the guest's libraries, ``systemd-analyze verify`` passes on the guest's units and on the
-controller's ``etc/vmcloud.service``, the firewall rules parse, and user-data rendered by the Nova
+controller's ``etc/vmcloud.service``, the firewall rules refuse the browser's uids the metadata
+service (in a network namespace of the test), and user-data rendered by the Nova
 driver's own ``render_user_data`` is read by the agent's own option parsing exactly as the installed
 unit runs it (its ``ExecStart`` arguments, the drop-in's ``VMCLOUD_USER_DATA``).
 
@@ -196,6 +197,54 @@ def test_the_firewall_rules_parse(guest: tuple[Path, str]) -> None:
     root, _ = guest
     result = in_root(root, "nft", "-c", "-f", "/etc/vmcloud/guest-firewall.nft")
     assert result.returncode == 0, result.stderr
+
+
+def test_the_browser_cannot_reach_the_metadata_service(guest: tuple[Path, str]) -> None:
+    """The image's rules, loaded in a namespace of this test where 169.254.169.254 answers HTTP: the
+    browser's uids are refused, root (the agent, cloud-init) and other users are not."""
+    root, _ = guest
+    namespace = f"vmcimg-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", namespace], check=True, timeout=30)
+    server = None
+    try:
+        netns = ["ip", "netns", "exec", namespace]
+        for step in (["link", "set", "lo", "up"], ["addr", "add", "169.254.169.254/32", "dev", "lo"]):
+            subprocess.run(["ip", "-n", namespace, *step], check=True, timeout=30)
+        rules = run([*netns, "chroot", str(root), "nft", "-f", "/etc/vmcloud/guest-firewall.nft"], 60)
+        assert rules.returncode == 0, rules.stderr
+        server = subprocess.Popen(
+            [*netns, "chroot", str(root), "python3", "-m", "http.server", "80", "--bind", "169.254.169.254"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd="/",
+        )
+        fetch = (
+            "import sys, time, urllib.request\n"
+            "for _ in range(int(sys.argv[1])):\n"
+            "    try:\n"
+            "        print(urllib.request.urlopen('http://169.254.169.254/', timeout=3).status); break\n"
+            "    except OSError as e:\n"
+            "        if not isinstance(getattr(e, 'reason', e), ConnectionRefusedError): raise\n"
+            "        time.sleep(0.1)\n"
+            "else:\n"
+            "    print('refused')\n"
+        )
+
+        def as_user(uid: int, tries: int = 1) -> str:
+            who = [f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            python = ["python3", "-c", fetch, str(tries)]
+            result = run([*netns, "chroot", str(root), "setpriv", *who, *python], 60)
+            assert result.returncode == 0, result.stderr
+            return result.stdout.strip()
+
+        assert as_user(0, tries=50) == "200"  # the server is up: a refusal below is the rule's
+        assert as_user(2000000001) == "refused"  # the browser of run slot 1
+        assert as_user(1000) == "200"
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+        subprocess.run(["ip", "netns", "del", namespace], check=False, timeout=30)
 
 
 def test_user_data_from_the_controller_reaches_the_agent(guest: tuple[Path, str]) -> None:
