@@ -105,6 +105,8 @@ cleanup() {
     exit "$status"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM HUP
 
 bind_into_root() {  # bind_into_root SOURCE TARGET-INSIDE-ROOT [mount options...]
     local source=$1 target=$ROOT$2
