@@ -3,14 +3,10 @@
 Every command runs in its own session and process group, so a timeout can kill everything it
 started, grandchildren included, and nothing it leaves behind is confused with the agent's own
 processes.  Twisted's ``spawnProcess`` has no ``preexec_fn``, so we do not spawn the command
-directly: we spawn a tiny *session leader* — ``python -I -S -c <_LEADER>`` — that
-
-1. calls ``os.setsid()`` (its pid becomes the process group id, known to us as the spawned pid);
-2. enters the working directory and starts the command with ``os.posix_spawnp``, which reports a
-   missing executable or a permission problem as an ``OSError`` in the leader instead of a child
-   that silently exits 127;
-3. waits for it with ``os.wait4`` and writes one JSON report (exit status, ``resource`` usage)
-   to file descriptor 3, a pipe only we read.
+directly: we spawn a tiny *session leader*, :mod:`guest_agent.leader` run as a script
+(``python -I -S .../guest_agent/leader.py CWD CMD ARGS``), that calls ``os.setsid()``, starts the
+command with ``os.posix_spawnp``, waits for it with ``os.wait4`` and writes one JSON report (exit
+status, ``resource`` usage) to file descriptor 3, a pipe only we read.
 
 Why ``os.wait4`` rather than ``resource.getrusage(RUSAGE_CHILDREN)`` deltas: the agent runs up to
 ``max_concurrent`` commands at once and Twisted reaps children whenever it likes, so deltas of the
@@ -45,6 +41,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from guest_agent import leader
+from guest_agent.leader import EXIT_CANNOT_EXECUTE, REPORT_FD
+
 MiB = 1024 * 1024
 
 #: The environment every command starts from unless the composition root passes another.
@@ -56,49 +55,8 @@ DEFAULT_BASE_ENV: Mapping[str, str] = {
 #: Bytes of cmd + args + env + path accepted (the kernel's ARG_MAX is about 2 MiB for both together).
 MAX_REQUEST_BYTES = 1 * MiB
 
-#: What the leader reports when it cannot start the command (the shell's conventions).
-EXIT_NOT_FOUND = 127
-EXIT_CANNOT_EXECUTE = 126
-
-_REPORT_FD = 3
-
-# The session leader.  Kept free of anything but os/sys/signal/json so ``-I -S`` starts it fast.
-# argv: [-c, cwd-or-empty, cmd, *args]
-_LEADER = r"""
-import errno, json, os, signal, sys
-def report(doc):
-    data = json.dumps(doc).encode()
-    while data:
-        data = data[os.write(3, data):]
-os.setsid()
-for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(s, signal.SIG_IGN)
-cwd, argv = sys.argv[1], sys.argv[2:]
-if cwd:
-    try:
-        os.chdir(cwd)
-    except OSError as e:
-        report({"error": "cannot enter directory %r: %s" % (cwd, e.strerror), "code": 126})
-        os._exit(126)
-reset = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGQUIT]
-try:
-    pid = os.posix_spawnp(argv[0], argv, os.environ, setsigdef=reset,
-                          file_actions=[(os.POSIX_SPAWN_CLOSE, 3)])
-except OSError as e:
-    code = 127 if e.errno == errno.ENOENT else 126
-    report({"error": "cannot run %r: %s" % (argv[0], e.strerror), "code": code})
-    os._exit(code)
-_, status, ru = os.wait4(pid, 0)
-res = {k: getattr(ru, k) for k in dir(ru) if k.startswith("ru_")}
-if os.WIFSIGNALED(status):
-    report({"signal": os.WTERMSIG(status), "resources": res})
-    sig = os.WTERMSIG(status)
-    signal.signal(sig, signal.SIG_DFL)
-    os.kill(os.getpid(), sig)
-    os._exit(128 + sig)
-report({"exit": os.waitstatus_to_exitcode(status), "resources": res})
-os._exit(os.waitstatus_to_exitcode(status))
-"""
+#: The session leader, run as a script (see :mod:`guest_agent.leader`).
+LEADER_SCRIPT = leader.__file__
 
 log = Logger()
 
@@ -200,7 +158,7 @@ class _CommandProtocol(ProcessProtocol):
             self.stdout.feed(data)
         elif childFD == 2:
             self.stderr.feed(data)
-        elif childFD == _REPORT_FD and len(self._report) < 64 * 1024:
+        elif childFD == REPORT_FD and len(self._report) < 64 * 1024:
             self._report += data
 
     def processExited(self, reason: Failure) -> None:  # noqa: N802
@@ -351,7 +309,7 @@ class CommandRunner:
 
         protocol = _CommandProtocol(self.max_output, on_exit)
         full_env = {**self._base_env, **env}
-        argv = [self._python, "-I", "-S", "-c", _LEADER, path or "", cmd, *args]
+        argv = [self._python, "-I", "-S", LEADER_SCRIPT, path or "", cmd, *args]
         try:
             transport: IProcessTransport = self._reactor.spawnProcess(
                 protocol,
@@ -359,7 +317,7 @@ class CommandRunner:
                 argv,
                 env=full_env,
                 path=None,
-                childFDs={0: "w", 1: "r", 2: "r", _REPORT_FD: "r"},
+                childFDs={0: "w", 1: "r", 2: "r", REPORT_FD: "r"},
             )
         except (OSError, ValueError) as e:
             problem = f"cannot start the command: {e}"
@@ -398,7 +356,7 @@ class CommandRunner:
                 cmd=cmd,
                 event="command-output-abandoned",
             )
-            for fd in (1, 2, _REPORT_FD):
+            for fd in (1, 2, REPORT_FD):
                 transport.closeChildFD(fd)
             protocol.processEnded(protocol.exit_reason)
 
