@@ -60,16 +60,10 @@ class GuestDirectory:
         self._capabilities: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     def move(self, old: VM | None, new: VM | None) -> None:
-        """A VM's record changed from ``old`` (None: new) to ``new`` (None: forgotten)."""
-        if (
-            old is not None
-            and new is not None
-            and old.login == new.login
-            and old.identity == new.identity
-            and old.macs == new.macs
-            and old.ips == new.ips
-        ):  # most changes are of state alone: a 500-VM batch must not rebuild four index entries each
-            return
+        """A VM's record changed from ``old`` (None: new) to ``new`` (None: forgotten).
+
+        Cheap to call when none of login, identity, MACs and IPs changed, and never needed then.
+        """
         reindex(self._by_login, old, new, _login)
         reindex(self._by_identity, old, new, _identity)
         reindex(self._by_mac, old, new, _macs)

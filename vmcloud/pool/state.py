@@ -191,17 +191,18 @@ class PoolState:
         self.changes += 1
         self._index.move(old, vm)
         if (
-            old is not None
-            and old.state is VMState.READY
-            and vm.state is not VMState.READY
-            and vm.state is not VMState.OCCUPIED
-            and self._ready_events
-        ):
-            self._ready_events.pop(vm.vmid, None)  # never lent: its early events go with it
-        if old is None or old.server_id != vm.server_id:
+            old is None
+            or old.server_id != vm.server_id
+            or old.login != vm.login
+            or old.identity != vm.identity
+            or old.macs != vm.macs
+            or old.ips != vm.ips
+        ):  # most changes are of state alone: a 500-VM batch must not rebuild five index entries each
             reindex(self._by_server, old, vm, _server_id)
-        self._directory.move(old, vm)
+            self._directory.move(old, vm)
         if old is None or old.state is not vm.state:
+            if old is not None and old.state is VMState.READY and vm.state is not VMState.OCCUPIED:
+                self._ready_events.pop(vm.vmid, None)  # never lent: its early events go with it
             self._observers.transition(old, vm)
         return vm
 
