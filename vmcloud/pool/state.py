@@ -416,17 +416,11 @@ class PoolState:
 
     # ------------------------------------------------------------------ what guests say
 
-    def match_guest(self, guest: GuestInfo) -> str | None:
-        """The VM a guest belongs to, or None; see :meth:`~vmcloud.pool.guests.GuestDirectory.match`.
-
-        Raises :class:`GuestRefused` when the guest claims a VM bound to another guest.
-        """
-        return self._directory.match(guest, self.vms)
-
     def guest_hello(self, guest: GuestInfo, now: float) -> VM | None:
         """A guest said HELLO: a booting VM becomes FREE, a recovering one is back.
 
-        Raises :class:`GuestRefused` when the guest claims a VM that is not its own.
+        Which VM is the guest's is :meth:`~vmcloud.pool.guests.GuestDirectory.match`'s answer;
+        raises :class:`GuestRefused` when the guest claims a VM that is not its own.
         """
         unmatched = self._directory.unmatched
         try:
@@ -485,7 +479,11 @@ class PoolState:
                 del unmatched[identity]
             else:
                 try:
-                    vm = self.guest_hello(guest, now) if self.match_guest(guest) is not None else None
+                    vm = (
+                        self.guest_hello(guest, now)
+                        if self._directory.match(guest, self.vms) is not None
+                        else None
+                    )
                 except GuestRefused:
                     continue  # told when it said HELLO; it stays refused
                 if vm is not None:
