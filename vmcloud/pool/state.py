@@ -2,12 +2,12 @@
 
 ``PoolState`` is the one mutable object of the pool's core.  It holds frozen records and applies
 what happened (a boot answer, a HELLO, a lock) as the pure transitions of :mod:`vmcloud.pool.model`
-say; it does no I/O and reads no clock: ``now`` is always passed in.  It composes the parts that
-each do one job, and tells each of them every change of a record:
+say; it does no I/O and reads no clock: ``now`` is always passed in.  It composes parts that do
+one job each (the first two are told every change of a VM record it stores):
 
 - :class:`~vmcloud.pool.indexes.StateIndex`: VMs by state and by (state, batch), for the plan;
 - :class:`~vmcloud.pool.guests.GuestDirectory`: which VM a guest's HELLO is (:class:`GuestRefused`);
-- :class:`~vmcloud.pool.strays.Strays`: servers in the cloud that no VM tracks;
+- :class:`~vmcloud.pool.strays.Strays`: servers in the cloud that no VM tracks, from each listing;
 - :class:`~vmcloud.pool.observers.PoolObservers`: ``on_transition(old, new)`` sees every change of a
   VM's state (None for a VM that appears or disappears), ``on_handle_event(token, event)`` every
   event put on a handle, ``on_handle_gone(token)`` every handle that goes.  The service logs the
