@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import attrs
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
 from zope.interface.verify import verifyObject
 
 from tests.api.client import HANDLE, TOKEN, ApiTestCase
-from tests.api.fake_pool import RecordingPool
+from tests.api.fake_pool import WAITING, RecordingPool, page_of, sample_handle, sample_status, sample_vm
+from tests.pool.fakes import World
+from vmcloud.api.app import make_api
 from vmcloud.pool.interfaces import (
     BatchCancelled,
     BatchOptions,
@@ -20,6 +28,8 @@ from vmcloud.pool.interfaces import (
     UnknownBatch,
     UnknownHandle,
 )
+from vmcloud.pool.model import LostVM, VMState
+from vmcloud.pool.views import HandleStatus
 
 ENCODED_HOME = "http%3A%2F%2Fexample.com%2Fa%3Fb%3Dc"
 
@@ -96,14 +106,11 @@ class SuccessAnswerTests(ApiTestCase):
             (200, HANDLE.encode(), "text/plain; charset=utf-8"),
         )
         as_json = self.call("POST", "/lock/b1", headers={"Accept": "text/html, application/json;q=0.9"})
-        status = self.pool.handle_status(HANDLE)
-        expected = {"handle": HANDLE, "assigned": bool(status["assigned"])}
-        if status["assigned"]:
-            expected["vmid"] = status["vmid"]
-        self.assertEqual(as_json.json(), expected)
-        self.assertEqual(
-            [c for c in self.pool.calls if c[0] == "lock"], [("lock", ("b1",)), ("lock", ("b1",))]
-        )
+        self.assertEqual(as_json.json(), {"handle": HANDLE, "assigned": True, "vmid": "e1-1"})
+        self.pool.status = HandleStatus(sample_handle(vmid=None), None, audio=False)
+        waiting = self.call("POST", "/lock/b1", headers={"Accept": "application/json"})
+        self.assertEqual(waiting.json(), {"handle": HANDLE, "assigned": False})
+        self.assertEqual([c for c in self.pool.calls if c[0] == "lock"], [("lock", ("b1",))] * 3)
 
     def test_release(self) -> None:
         answer = self.call("POST", f"/release/{HANDLE}")
@@ -111,17 +118,43 @@ class SuccessAnswerTests(ApiTestCase):
         self.assertEqual(self.pool.calls, [("release", (HANDLE,))])
 
     def test_handle_status(self) -> None:
-        self.pool.status = {
-            "assigned": True,
-            "vmid": "vm7",
-            "vm": {"state": "OCCUPIED", "consoleUrl": "/console/vm7", "vncPassword": "pw"},
-            "expires": True,
-            "expireTime": 1700000000000,
-        }
         answer = self.call("GET", f"/handle-status/{HANDLE}")
         self.assertEqual((answer.status, answer.header("content-type")), (200, "application/json"))
-        self.assertEqual(answer.json(), self.pool.status)
+        self.assertEqual(
+            answer.json(),
+            {
+                "assigned": True,
+                "batch": "b1",
+                "expires": True,
+                "expireTime": 1700000600250,
+                "vmid": "e1-1",
+                "vm": {
+                    "vmid": "e1-1",
+                    "state": "OCCUPIED",
+                    "since": 1699999970250,
+                    "recovering": False,
+                    "console": f"/console/{HANDLE}",
+                    "audio": f"/audio/{HANDLE}",
+                    "vncPassword": "pw123456",
+                },
+            },
+        )
         self.assertEqual(answer.header("cache-control"), "no-store")
+
+    def test_handle_status_of_a_handle_that_lost_its_vm(self) -> None:
+        lost = LostVM("e1-1", "guest gone: BYE", 1_700_000_001.5)
+        self.pool.status = HandleStatus(sample_handle(vmid=None, lost=lost), None, audio=False)
+        answer = self.call("GET", f"/handle-status/{HANDLE}")
+        self.assertEqual(
+            answer.json(),
+            {
+                "assigned": False,
+                "batch": "b1",
+                "expires": True,
+                "expireTime": 1700000600250,
+                "lost": {"vmid": "e1-1", "reason": "guest gone: BYE", "time": 1700000001500},
+            },
+        )
 
     def test_renew_expire(self) -> None:
         answer = self.call("POST", f"/renew-expire/{HANDLE}/1000")
@@ -135,16 +168,31 @@ class SuccessAnswerTests(ApiTestCase):
         self.assertEqual(as_json.json(), {"lastId": 7})
 
     def test_fetch_events(self) -> None:
-        self.pool.events = {
-            "lastId": 9,
-            "newEvents": [
-                {"id": 8, "time": 1.5, "data": {"action": "page-load", "url": "http://a/", "title": "A"}},
-                {"id": 9, "time": 2.5, "data": {"action": "page-load", "url": "http://b/", "title": "B"}},
-            ],
-        }
+        self.pool.events = page_of(
+            (8, 1.5, {"action": "page-load", "url": "http://a/", "title": "A"}),
+            (9, 2.5, {"action": "page-load", "url": "http://b/", "title": "B"}),
+        )
         answer = self.call("GET", f"/fetch-events/{HANDLE}/7")
         self.assertEqual((answer.status, answer.header("content-type")), (200, "application/json"))
-        self.assertEqual(answer.json(), self.pool.events)
+        self.assertEqual(
+            answer.json(),
+            {
+                "lastId": 9,
+                "newEvents": [
+                    {
+                        "id": 8,
+                        "time": 1500,
+                        "data": {"action": "page-load", "url": "http://a/", "title": "A"},
+                    },
+                    {
+                        "id": 9,
+                        "time": 2500,
+                        "data": {"action": "page-load", "url": "http://b/", "title": "B"},
+                    },
+                ],
+                "dropped": 0,
+            },
+        )
         self.assertEqual(self.pool.calls, [("fetch_events", (HANDLE, 7, 5.0))])
 
     def test_cancel_batch(self) -> None:
@@ -158,44 +206,129 @@ class SuccessAnswerTests(ApiTestCase):
         self.assertEqual(self.pool.calls, [("shutdown", ())])
 
     def test_all_status(self) -> None:
-        self.pool.everything = {
-            "poolSize": {"min": 2, "max": 4, "linger": 60000},
-            "vms": [{"vmid": "vm1", "state": "FREE"}],
-            "batches": [],
-            "preps": [],
-            "handles": [],
-            "pendingLocks": [],
-            "cloud": {"backoff": 0},
-        }
+        """The whole document, keys in their order: what the monitor and scripts read."""
         answer = self.call("GET", "/all-status")
         self.assertEqual((answer.status, answer.header("content-type")), (200, "application/json"))
-        self.assertEqual(answer.json(), self.pool.everything)
+        self.assertEqual(answer.header("cache-control"), "no-store")
+        vm = {
+            "vmid": "e1-1",
+            "state": "OCCUPIED",
+            "version": 5,
+            "since": 1699999970250,
+            "serverId": "srv-e1-1",
+            "identity": "guest-e1-1",
+            "ip": "10.0.0.7",
+            "mac": "52:54:00:12:34:56",
+            "batch": "b1",
+            "handle": HANDLE,
+            "lastUsed": 1699999970250,
+            "recovering": False,
+            "reason": None,
+            "capabilities": ["cdp", "vnc", "audio"],
+        }
+        expected = {
+            "poolSize": {
+                "min": 1,
+                "max": 4,
+                "linger": 60000,
+                "effectiveMin": 1,
+                "effectiveMax": 4,
+                "maxPoolSize": 30,
+            },
+            "vms": [
+                vm,
+                {
+                    **vm,
+                    "vmid": "e1-2",
+                    "state": "WAIT",
+                    "serverId": "srv-e1-2",
+                    "identity": "guest-e1-2",
+                    "handle": None,
+                },
+            ],
+            "batches": [
+                {
+                    "id": "b1",
+                    "size": 2,
+                    "homepage": "https://example.com/",
+                    "cancelled": False,
+                    "createdAt": 1699999940250,
+                    "ready": 0,
+                    "preparing": 1,
+                    "occupied": 1,
+                    "pendingLocks": 1,
+                }
+            ],
+            "preps": [
+                {"batch": "b1", "vmid": "e1-2", "state": "preparing", "since": 1699999999250},
+                {"batch": "b1", "vmid": None, "state": "queued"},
+            ],
+            "handles": [
+                {
+                    "handle": HANDLE,
+                    "batch": "b1",
+                    "vmid": "e1-1",
+                    "createdAt": 1699999969250,
+                    "expireTime": 1700000600250,
+                    "lost": None,
+                    "lastEventId": 1,
+                    "events": 1,
+                    "droppedEvents": 0,
+                },
+                {
+                    "handle": WAITING,
+                    "batch": "b1",
+                    "vmid": None,
+                    "createdAt": 1699999969250,
+                    "expireTime": 1700000600250,
+                    "lost": None,
+                    "lastEventId": 0,
+                    "events": 0,
+                    "droppedEvents": 0,
+                },
+            ],
+            "pendingLocks": [{"handle": WAITING, "batch": "b1", "since": 1699999995250}],
+            "cloud": {
+                "driver": "fake",
+                "backingOff": True,
+                "backoffUntil": 1700000005250,
+                "quotaExceeded": False,
+                "quotaRetryAt": None,
+                "failures": 1,
+                "quotaRefusals": 0,
+                "bootFailures": 0,
+                "bootBackoffUntil": None,
+                "lastError": "boom",
+                "lastErrorAt": 1699999999250,
+                "lastListingAt": 1699999998250,
+                "strays": 0,
+            },
+            "shuttingDown": False,
+            "reconciler": {"passes": 12, "lastPassMs": 1.5, "slowestPassMs": 20.0},
+            "time": 1700000000250,
+            "version": 42,
+        }
+        self.assertEqual(answer.body, json.dumps(expected, separators=(",", ":")).encode())
+        self.assertEqual(self.pool.calls, [("all_status", ())])
+
+    def test_terminate_vm(self) -> None:
+        answer = self.call("POST", "/terminate-vm/e1-1")
+        self.assertEqual((answer.status, answer.body, answer.header("content-type")), (204, b"", None))
+        self.assertEqual(self.pool.calls, [("terminate_vm", ("e1-1",))])
 
     def test_metrics(self) -> None:
-        self.pool.everything = {
-            "poolSize": {"min": 2, "max": 4, "linger": 60000},
-            "vms": [
-                {"vmid": "a", "state": "FREE"},
-                {"vmid": "b", "state": "FREE"},
-                {"vmid": "c", "state": "READY"},
-            ],
-            "batches": [{"batch": "b1"}],
-            "preps": [],
-            "handles": [{"handle": "x"}],
-            "pendingLocks": [],
-        }
         answer = self.call("GET", "/metrics")
         self.assertEqual(answer.status, 200)
         self.assertTrue(answer.header("content-type").startswith("text/plain; version=0.0.4"))
         lines = answer.body.decode().splitlines()
         for expected in (
-            'vmcloud_vms{state="FREE"} 2.0',
-            'vmcloud_vms{state="READY"} 1.0',
-            'vmcloud_vms{state="OCCUPIED"} 0.0',
+            'vmcloud_vms{state="FREE"} 0.0',
+            'vmcloud_vms{state="WAIT"} 1.0',
+            'vmcloud_vms{state="OCCUPIED"} 1.0',
             "vmcloud_pool_size_max 4.0",
             "vmcloud_batches 1.0",
-            "vmcloud_handles 1.0",
-            "vmcloud_pending_locks 0.0",
+            "vmcloud_handles 2.0",
+            "vmcloud_pending_locks 1.0",
         ):
             self.assertIn(expected, lines)
 
@@ -403,7 +536,8 @@ class InternalErrorTests(ApiTestCase):
         self.assertIn(logged[0]["reference"], answer.json()["message"])
 
     def test_unserializable_status_is_500(self) -> None:
-        self.pool.everything = {"vms": [object()]}
+        vm = attrs.evolve(sample_vm(), capabilities=(object(),))
+        self.pool.everything = attrs.evolve(sample_status(), vms=(vm,))
         self.assert_error(self.call("GET", "/all-status"), 500, "internal-error")
         self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
 
@@ -568,10 +702,11 @@ class LongPollTests(ApiTestCase):
         self.pool.hold_events = True
         d = self.start("GET", f"/fetch-events/{HANDLE}/4?wait=20")
         self.assertNoResult(d)
-        event = {"id": 5, "time": 10.0, "data": {"action": "page-load", "url": "http://a/", "title": "A"}}
-        self.pool.pending_fetch.callback({"lastId": 5, "newEvents": [event]})
+        data = {"action": "page-load", "url": "http://a/", "title": "A"}
+        self.pool.pending_fetch.callback(page_of((5, 10.0, data)))
         answer = self.finish(d)
-        self.assertEqual((answer.status, answer.json()), (200, {"lastId": 5, "newEvents": [event]}))
+        expected = {"lastId": 5, "newEvents": [{"id": 5, "time": 10000, "data": data}], "dropped": 0}
+        self.assertEqual((answer.status, answer.json()), (200, expected))
 
     def test_client_going_away_cancels_the_wait_quietly(self) -> None:
         """A worker page closed mid-poll: the pool's wait is cancelled and nothing is logged as an error."""
@@ -581,3 +716,117 @@ class LongPollTests(ApiTestCase):
         self.treq.flush()
         self.failureResultOf(d, ResponseNeverReceived)
         self.assertEqual(self.pool.cancelled_fetches, 1)
+
+
+class StatusLongPollTests(ApiTestCase):
+    """GET /all-status?since=<version>&wait=<seconds>: the monitor's long poll, through the fake."""
+
+    def test_since_and_wait_pass_through(self) -> None:
+        answer = self.call("GET", "/all-status?since=41&wait=2.5")
+        self.assertEqual(answer.status, 200)
+        self.assertEqual(answer.json()["version"], 42)
+        self.call("GET", "/all-status?since=0")
+        self.call("GET", "/all-status?since=41&wait=3600")
+        self.assertEqual(
+            self.pool.calls,
+            [("status_after", (41, 2.5)), ("status_after", (0, 5.0)), ("status_after", (41, 30.0))],
+        )
+
+    def test_the_cap_is_the_lower_of_30_s_and_the_long_poll_cap(self) -> None:
+        self.make(max_long_poll=60.0)
+        self.call("GET", "/all-status?since=1&wait=45")
+        self.make(max_long_poll=2.0)
+        self.call("GET", "/all-status?since=1&wait=45")
+        self.assertEqual([c[1][1] for c in self.pool.calls], [30.0, 2.0])
+
+    def test_without_since_it_answers_at_once(self) -> None:
+        self.call("GET", "/all-status?wait=20")
+        self.assertEqual(self.pool.calls, [("all_status", ())])
+
+    def test_bad_since_or_wait(self) -> None:
+        for query in (
+            "since=x",
+            "since=-1",
+            "since=1.5",
+            "since=",
+            "since=1&wait=abc",
+            "since=1&wait=-1",
+            "wait=nan",
+        ):
+            with self.subTest(query=query):
+                self.assert_error(self.call("GET", f"/all-status?{query}"), 400, "bad-request")
+        self.assertEqual(self.pool.calls, [])
+
+    def test_answer_arrives_when_the_pool_answers(self) -> None:
+        self.pool.hold_status = True
+        d = self.start("GET", "/all-status?since=42&wait=20")
+        self.assertNoResult(d)
+        assert self.pool.pending_status is not None
+        self.pool.pending_status.callback(attrs.evolve(sample_status(), version=43))
+        answer = self.finish(d)
+        self.assertEqual((answer.status, answer.json()["version"]), (200, 43))
+
+    def test_client_going_away_cancels_the_wait_quietly(self) -> None:
+        self.pool.hold_status = True
+        d = self.start("GET", "/all-status?since=42&wait=20")
+        d.cancel()
+        self.treq.flush()
+        self.failureResultOf(d, ResponseNeverReceived)
+        self.assertEqual(self.pool.cancelled_status_waits, 1)
+
+
+class RealPoolTests(SynchronousTestCase):
+    """The new routes over a real pool on a Clock: the long poll woken by a change, terminate-vm."""
+
+    def setUp(self) -> None:
+        self.world = World()
+        self.world.pool.set_pool_size(1, 2, 60_000)
+        self.world.settle()
+        static = FilePath(self.mktemp())
+        static.makedirs()
+        app = make_api(self.world.pool, token=None, cors_origins=["*"], static_dir=static)
+        self.treq = StubTreq(app.resource())
+
+    def start(self, method: str, path: str) -> Deferred[Any]:
+        d = self.treq.request(method, "http://vmcloud.test" + path)
+        self.treq.flush()
+        return d
+
+    def answer(self, d: Deferred[Any]) -> tuple[int, Any]:
+        self.treq.flush()
+        response = self.successResultOf(d)
+        body = self.successResultOf(response.content())
+        return response.code, json.loads(body) if body else None
+
+    def test_long_poll_woken_by_a_change(self) -> None:
+        _, status = self.answer(self.start("GET", "/all-status"))
+        d = self.start("GET", f"/all-status?since={status['version']}&wait=20")
+        self.world.clock.advance(5)
+        self.assertNoResult(d)
+        self.world.pool.prepare_batch(1, "https://example.org/", BatchOptions())
+        self.world.turn()
+        code, after = self.answer(d)
+        self.assertEqual(code, 200)
+        self.assertNotEqual(after["version"], status["version"])
+        self.assertEqual(len(after["batches"]), 1)
+
+    def test_a_client_going_away_leaves_no_timer(self) -> None:
+        _, status = self.answer(self.start("GET", "/all-status"))
+        timers = len(self.world.clock.getDelayedCalls())
+        d = self.start("GET", f"/all-status?since={status['version']}&wait=20")
+        self.assertEqual(len(self.world.clock.getDelayedCalls()), timers + 1)
+        d.cancel()
+        self.treq.flush()
+        self.failureResultOf(d, ResponseNeverReceived)
+        self.assertEqual(len(self.world.clock.getDelayedCalls()), timers)
+
+    def test_terminate_vm(self) -> None:
+        (vm,) = self.world.vms()
+        code, body = self.answer(self.start("POST", f"/terminate-vm/{vm.vmid}"))
+        self.assertEqual((code, body), (204, None))
+        self.assertEqual(self.world.state.vms[vm.vmid].state, VMState.ERROR)
+        code, body = self.answer(self.start("POST", "/terminate-vm/no-such-vm"))
+        self.assertEqual((code, body["error"]), (404, "unknown-vm"))
+        self.world.pool.shutdown()
+        code, body = self.answer(self.start("POST", f"/terminate-vm/{vm.vmid}"))
+        self.assertEqual((code, body["error"]), (409, "shutting-down"))

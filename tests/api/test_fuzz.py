@@ -88,6 +88,7 @@ class Target:
         self.batch = pool.prepare_batch(1, HOMEPAGE, BatchOptions())
         world.settle()
         self.handle = pool.lock(self.batch)
+        self.vmid = pool.handle_status(self.handle).handle.vmid or "none"
         self.slot.pool = pool
         self.wire.clock = world.clock
 
@@ -213,7 +214,7 @@ class OpenApiFuzzTests(SynchronousTestCase, AnswerChecks):
     ) -> None:
         target = self.target
         target.fresh()
-        known = {"handle": target.handle, "batch": target.batch} if known_ids else {}
+        known = {"handle": target.handle, "batch": target.batch, "vmid": target.vmid} if known_ids else {}
         raw, method = raw_request(case, auth, known)
         with errors_logged() as logged:
             exchange = target.exchange(raw, step=step)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import prometheus_client
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import capturedLogs
@@ -13,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from tests.api.client import TOKEN, ApiTestCase
-from tests.api.fake_pool import RecordingPool
+from tests.api.fake_pool import RecordingPool, sample_status, sample_vm
 from tests.broker.support import Client, make_broker
 from tests.pool.fakes import World
 from vmcloud import timings
@@ -24,8 +28,12 @@ from vmcloud.api.metrics import (
     VM_STATES,
     Metrics,
     exposition,
+    pool_metrics,
     pool_registry,
 )
+from vmcloud.api.shapes import all_status_json
+from vmcloud.pool.model import VMState
+from vmcloud.pool.views import PoolStatus
 from vmcloud.timings import ITimings
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -65,8 +73,24 @@ STATUS: dict[str, Any] = {
 }
 
 
-def scrape(pool: Any, accept: bytes | None = None) -> tuple[str, str]:
-    body, content_type = exposition(pool_registry(pool), accept)
+class Document:
+    """A collector of one /all-status document taken as it is, odd shapes included."""
+
+    def __init__(self, status: Any) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        yield from pool_metrics(self.status)
+
+
+def scrape(source: Any, accept: bytes | None = None) -> tuple[str, str]:
+    """The exposition of a pool (an IPoolControl), or of a :class:`Document`."""
+    if isinstance(source, Document):
+        registry = CollectorRegistry()
+        registry.register(source)
+    else:
+        registry = pool_registry(source)
+    body, content_type = exposition(registry, accept)
     return body.decode("utf-8"), content_type.decode("ascii")
 
 
@@ -78,10 +102,18 @@ def samples(text: str, parse: Any = text_string_to_metric_families) -> Samples:
     }
 
 
-def pool_with(status: Any) -> RecordingPool:
+def pool_with(status: Any) -> Document:
+    return Document(status)
+
+
+def pool_answering(status: PoolStatus) -> RecordingPool:
     pool = RecordingPool()
     pool.everything = status
     return pool
+
+
+#: A pool's answer as a RecordingPool gives it: a VM OCCUPIED, one in WAIT, two batches.
+RECORD = attrs.evolve(sample_status(), batches=sample_status().batches * 2)
 
 
 class ExpositionTests(SynchronousTestCase):
@@ -170,18 +202,19 @@ class ExpositionTests(SynchronousTestCase):
 
 class CollectorTests(SynchronousTestCase):
     def test_the_pool_is_read_at_each_scrape(self) -> None:
-        pool = pool_with({"vms": [{"state": "FREE"}]})
+        pool = pool_answering(sample_status())
         registry = pool_registry(pool)
         self.assertEqual(pool.calls, [], "building the registry reads nothing")
         first = samples(exposition(registry, None)[0].decode())
-        pool.everything = {"vms": [{"state": "FREE"}, {"state": "FREE"}]}
+        pool.everything = attrs.evolve(sample_status(), vms=(sample_vm("a"), sample_vm("b")))
         second = samples(exposition(registry, None)[0].decode())
-        key = ("vmcloud_vms", (("state", "FREE"),))
+        key = ("vmcloud_vms", (("state", "OCCUPIED"),))
         self.assertEqual((first[key], second[key]), (1, 2))
         self.assertEqual([name for name, _ in pool.calls], ["all_status", "all_status"])
 
     def test_each_app_has_its_own_registry_and_the_global_one_is_untouched(self) -> None:
-        one, two = pool_with({"vms": [{"state": "READY"}]}), pool_with({"vms": []})
+        one = pool_answering(attrs.evolve(sample_status(), vms=(sample_vm(state=VMState.READY),)))
+        two = pool_answering(attrs.evolve(sample_status(), vms=()))
         key = ("vmcloud_vms", (("state", "READY"),))
         self.assertEqual(samples(scrape(one)[0])[key], 1)
         self.assertEqual(samples(scrape(two)[0])[key], 0)
@@ -189,9 +222,9 @@ class CollectorTests(SynchronousTestCase):
         self.assertNotIn("vmcloud_", global_text)
 
     def test_every_cloud_health_field_of_the_real_pool_is_mapped(self) -> None:
-        """A new number in the reconciler's health() must get a name and a unit here, not vanish."""
+        """A new number in the cloud health of /all-status must get a name and a unit here, not vanish."""
         world = World()
-        status = world.pool.all_status()
+        status = all_status_json(world.pool.all_status())
         self.assertEqual(set(status["cloud"]), CLOUD_FIELDS | CLOUD_TEXT_FIELDS)
         found = samples(scrape(world.pool)[0])
         self.assertEqual(found[("vmcloud_cloud_last_listing_timestamp_seconds", ())], world.clock.seconds())
@@ -202,11 +235,11 @@ class MetricsRouteTests(ApiTestCase):
     token = TOKEN
 
     def test_route_serves_the_library_format(self) -> None:
-        self.pool.everything = STATUS
+        self.pool.everything = RECORD
         answer = self.call("GET", "/metrics", headers=self.admin())
         self.assertEqual(answer.status, 200)
         self.assertEqual(answer.header("content-type"), prometheus_client.exposition.CONTENT_TYPE_PLAIN_0_0_4)
-        pool_samples = samples(scrape(pool_with(STATUS))[0])
+        pool_samples = samples(scrape(pool_with(all_status_json(RECORD)))[0])
         served = samples(answer.body.decode())
         self.assertEqual({key: served[key] for key in pool_samples}, pool_samples)
 
@@ -338,7 +371,7 @@ class ServedHistogramTests(ApiTestCase):
     def test_every_histogram_is_served_with_its_buckets(self) -> None:
         metrics = Metrics()
         self.make(metrics=metrics)
-        self.pool.everything = STATUS
+        self.pool.everything = RECORD
         metrics.observe(timings.PREPARE, 0.06, outcome="ok")
         answer = self.call("GET", "/metrics", headers=self.admin())
         self.assertEqual(answer.status, 200)

@@ -14,6 +14,7 @@ from vmcloud.pool.interfaces import (
     ShuttingDown,
     UnknownBatch,
     UnknownHandle,
+    UnknownVM,
 )
 
 HOME = "http%3A%2F%2Fexample.com%2F"
@@ -65,6 +66,14 @@ SCENARIOS: list[tuple[str, str, str | None, BaseException | None, bool, dict[str
     ("GET", "/all-status", None, None, True, {}),
     ("GET", "/all-status", None, None, False, {}),
     ("GET", "/all-status", "all_status", BUG, True, {}),
+    ("GET", "/all-status?since=3&wait=1.5", None, None, True, {}),
+    ("GET", "/all-status?since=x", None, None, True, {}),
+    ("GET", "/all-status?since=3&wait=-1", None, None, True, {}),
+    ("POST", "/terminate-vm/e1-1", None, None, True, {}),
+    ("POST", "/terminate-vm/e1-1", None, None, False, {}),
+    ("POST", "/terminate-vm/nope", "terminate_vm", UnknownVM("nope"), True, {}),
+    ("POST", "/terminate-vm/e1-1", "terminate_vm", ShuttingDown("s"), True, {}),
+    ("POST", "/terminate-vm/e1-1", "terminate_vm", BUG, True, {}),
     ("GET", "/metrics", None, None, True, {}),
     ("GET", "/metrics", None, None, False, {}),
     ("GET", "/metrics", "all_status", BUG, True, {}),
@@ -183,6 +192,7 @@ class OpenApiDriftTests(ApiTestCase):
             "/prepare-batch/{size}/{homepage}",
             "/lock/{batch}",
             "/cancel-batch/{batch}",
+            "/terminate-vm/{vmid}",
             "/shutdown",
             "/all-status",
             "/metrics",

@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
 from typing import Any
 
 import treq
@@ -19,10 +18,11 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from tests.api.client import TOKEN
-from tests.api.fake_pool import RecordingPool
+from tests.api.fake_pool import RecordingPool, page_of, sample_handle, sample_vm
 from vmcloud.api.app import make_api
 from vmcloud.api.openapi import openapi_document
 from vmcloud.pool.interfaces import BatchOptions, Cookie, UnknownHandle
+from vmcloud.pool.views import HandleStatus
 
 HERE = FilePath(__file__).parent()
 STATIC = HERE.parent().parent().child("static")
@@ -32,18 +32,12 @@ NODE = shutil.which("node")
 class WorkerPool(RecordingPool):
     """A pool whose handle gets its VM on the second look and is unknown once released."""
 
-    def handle_status(self, handle: str) -> Mapping[str, Any]:
+    def handle_status(self, handle: str) -> HandleStatus:
         looks = sum(1 for name, _ in self.calls if name == "handle_status")
         super().handle_status(handle)
         if looks == 0:
-            return {"assigned": False}
-        return {
-            "assigned": True,
-            "vmid": "vm3",
-            "vm": {"state": "OCCUPIED"},
-            "expires": False,
-            "expireTime": None,
-        }
+            return HandleStatus(sample_handle(handle, vmid=None), None, audio=False)
+        return HandleStatus(sample_handle(handle, vmid="vm3"), sample_vm("vm3"), audio=False)
 
     def release(self, handle: str) -> None:
         super().release(handle)
@@ -55,12 +49,7 @@ class ServedFilesTests(TestCase):
 
     def setUp(self) -> None:
         self.pool = WorkerPool()
-        self.pool.events = {
-            "lastId": 8,
-            "newEvents": [
-                {"id": 8, "time": 3.0, "data": {"action": "page-load", "url": "http://a/", "title": "A"}}
-            ],
-        }
+        self.pool.events = page_of((8, 3.0, {"action": "page-load", "url": "http://a/", "title": "A"}))
         app = make_api(self.pool, token=TOKEN, cors_origins=["*"], static_dir=STATIC)
         self.port = reactor.listenTCP(0, Site(app.resource()), interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
@@ -107,7 +96,10 @@ class ServedFilesTests(TestCase):
             self.assertEqual(seen["handle"], self.pool.handle)
             self.assertEqual(seen["wrongToken"], {"isApiError": True, "status": 401, "code": "unauthorized"})
             self.assertTrue(seen["status"]["assigned"])
-            self.assertEqual(seen["events"], list(self.pool.events["newEvents"]))
+            self.assertEqual(
+                seen["events"],
+                [{"id": 8, "time": 3000, "data": {"action": "page-load", "url": "http://a/", "title": "A"}}],
+            )
             self.assertEqual(seen["followEnd"], "stopped")
             self.assertEqual(seen["afterRelease"], "unknown-handle")
             prepared = [args for name, args in self.pool.calls if name == "prepare_batch"]

@@ -8,6 +8,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.pool.answers import all_status, handle_status, page_json
 from tests.pool.fakes import CONFIG, World
 from vmcloud.pool.interfaces import BatchOptions, Cookie
 from vmcloud.pool.model import VMState
@@ -18,8 +19,8 @@ from vmcloud.store.checkpoint import (
     CheckpointUnreadableError,
     decode_checkpoint,
     encode_checkpoint,
-    synchronous_dispatch,
 )
+from vmcloud.threads import synchronous_dispatch
 
 HOME = "http://example.org/"
 
@@ -33,7 +34,7 @@ def busy_world() -> tuple[World, dict[str, str]]:
     batch = w.pool.prepare_batch(1, HOME, options)
     w.settle()
     handle = w.pool.lock(batch)
-    occupied = w.pool.handle_status(handle)["vmid"]
+    occupied = handle_status(w.pool, handle)["vmid"]
     w.channel.event(w.state.vms[occupied].identity, {"action": "page-load", "url": HOME, "title": "t"})
     w.settle()  # the batch's replacement is prepared from a FREE VM
     empty = w.pool.prepare_batch(0, HOME, BatchOptions())
@@ -122,14 +123,16 @@ class RecoveryTests(SynchronousTestCase):
         preparing = next(vmid for vmid, s in before.items() if s is VMState.WAIT)
         self.assertEqual(b.state.vms[preparing].state, VMState.KILLING)  # mid-operation: terminated
         # handles, batches, pending locks and events survived
-        status = b.pool.handle_status(names["handle"])
+        status = handle_status(b.pool, names["handle"])
         self.assertTrue(status["assigned"])
         self.assertTrue(status["vm"]["recovering"])
         self.assertIsNotNone(status["vm"]["audio"])
-        self.assertFalse(b.pool.handle_status(names["waiting"])["assigned"])
-        events = self.successResultOf(Deferred.fromCoroutine(b.pool.fetch_events(names["handle"], 0, 0)))
+        self.assertFalse(handle_status(b.pool, names["waiting"])["assigned"])
+        events = page_json(
+            self.successResultOf(Deferred.fromCoroutine(b.pool.fetch_events(names["handle"], 0, 0)))
+        )
         self.assertEqual(events["newEvents"][-1]["data"]["action"], "page-load")
-        self.assertEqual([p["handle"] for p in b.pool.all_status()["pendingLocks"]], [names["waiting"]])
+        self.assertEqual([p["handle"] for p in all_status(b.pool)["pendingLocks"]], [names["waiting"]])
         # no new work for recovering VMs: the waiting lock gets no READY VM of another batch
         self.assertEqual(b.channel.calls, [])
 
@@ -141,8 +144,8 @@ class RecoveryTests(SynchronousTestCase):
         b.turn()
         self.assertFalse(any(vm.recovering for vm in b.vms()))
         b.settle()
-        self.assertTrue(b.pool.handle_status(names["waiting"])["assigned"])
-        self.assertTrue(b.pool.handle_status(names["handle"])["assigned"])
+        self.assertTrue(handle_status(b.pool, names["waiting"])["assigned"])
+        self.assertTrue(handle_status(b.pool, names["handle"])["assigned"])
 
     def test_a_guest_silent_after_the_restart_is_terminated_and_its_handle_told(self) -> None:
         w, names = busy_world()
@@ -151,10 +154,10 @@ class RecoveryTests(SynchronousTestCase):
             if vm.vmid != names["occupied"]:
                 b.channel.hello(vm.login, login=vm.login)
         b.advance(CONFIG.timeout_update - 1)
-        self.assertTrue(b.pool.handle_status(names["handle"])["assigned"])
+        self.assertTrue(handle_status(b.pool, names["handle"])["assigned"])
         b.advance(1)
         self.assertEqual(b.state.vms[names["occupied"]].state, VMState.KILLING)
-        status = b.pool.handle_status(names["handle"])
+        status = handle_status(b.pool, names["handle"])
         self.assertFalse(status["assigned"])
         self.assertEqual(status["lost"]["reason"], "no HELLO after the restart")
 
@@ -167,7 +170,9 @@ class RecoveryTests(SynchronousTestCase):
         b.driver.answer_deletes()
         b.turn()
         self.assertNotIn(names["occupied"], b.state.vms)
-        events = self.successResultOf(Deferred.fromCoroutine(b.pool.fetch_events(names["handle"], 0, 0)))
+        events = page_json(
+            self.successResultOf(Deferred.fromCoroutine(b.pool.fetch_events(names["handle"], 0, 0)))
+        )
         self.assertEqual(events["newEvents"][-1]["data"]["action"], "vm-died")
 
     def test_vms_mid_operation_are_terminated(self) -> None:
@@ -196,7 +201,7 @@ class RecoveryTests(SynchronousTestCase):
         w, _ = busy_world()
         b = restarted(w, lambda data: {**data, "schema": 99})
         self.assertEqual(b.counts(), {})
-        self.assertEqual(b.pool.all_status()["batches"], [])
+        self.assertEqual(all_status(b.pool)["batches"], [])
         b.advance(CONFIG.poll_interval)
         b.driver.answer_lists()
         b.turn()
@@ -238,7 +243,7 @@ class RealStoreTests(SynchronousTestCase):
         b.store = self.store(directory, b.clock)
         b.pool = PoolService(b.clock, b.driver, b.channel, b.store, CONFIG, epoch="other")
         b.start()
-        self.assertTrue(b.pool.handle_status(handle)["assigned"])
+        self.assertTrue(handle_status(b.pool, handle)["assigned"])
         (kept,) = w.vms()
         self.assertTrue(b.state.vms[kept.vmid].recovering)
         self.assertEqual(b.vms(VMState.CREATING)[0].vmid, "e-2")  # vmids go on from the first life

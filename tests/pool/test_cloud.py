@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.pool.answers import all_status
 from tests.pool.fakes import CONFIG, PREFIX, World, two_listed_vms
 from vmcloud.pool.config import PoolConfig
 from vmcloud.pool.interfaces import (
@@ -133,14 +134,14 @@ class StrayTests(SynchronousTestCase):
         self.stray(w)
         w.start()  # first listing, at start
         self.assertEqual(w.driver.deletes, [])
-        self.assertEqual(w.pool.all_status()["cloud"]["strays"], 1)
+        self.assertEqual(all_status(w.pool)["cloud"]["strays"], 1)
         w.advance(CONFIG.poll_interval)
         w.driver.answer_lists()
         w.turn()
         self.assertEqual([s for s, _ in w.driver.deletes], ["stray-1"])
         w.driver.answer_deletes()
         w.turn()
-        self.assertEqual(w.pool.all_status()["cloud"]["strays"], 0)
+        self.assertEqual(all_status(w.pool)["cloud"]["strays"], 0)
 
     def test_a_server_seen_once_then_gone_is_forgotten(self) -> None:
         w = World(start=False)
@@ -175,7 +176,7 @@ class BackoffTests(SynchronousTestCase):
         )
         w.pool.set_pool_size(2, 2, 0)
         w.turn()
-        health = w.pool.all_status()["cloud"]
+        health = all_status(w.pool)["cloud"]
         self.assertTrue(health["backingOff"])
         self.assertIn("RateLimited", health["lastError"])
         self.assertEqual(health["backoffUntil"], round((w.clock.seconds() + 30) * 1000))
@@ -187,14 +188,14 @@ class BackoffTests(SynchronousTestCase):
         w.driver.answer_boots()
         w.turn()
         self.assertEqual(w.counts(), {"BOOTING": 1, "CREATING": 1})
-        self.assertFalse(w.pool.all_status()["cloud"]["backingOff"])
+        self.assertFalse(all_status(w.pool)["cloud"]["backingOff"])
 
     def test_quota_stops_growth_shows_and_retries_without_hammering(self) -> None:
         w = World()
         w.driver.errors["boot"].extend(QuotaExceeded("Quota exceeded for instances") for _ in range(4))
         w.pool.set_pool_size(3, 3, 0)
         w.turn()  # three boots refused at once: they count as one refusal
-        health = w.pool.all_status()["cloud"]
+        health = all_status(w.pool)["cloud"]
         self.assertTrue(health["quotaExceeded"])
         self.assertEqual(health["quotaRefusals"], 1)
         self.assertFalse(health["backingOff"])  # deletes and listings go on
@@ -215,7 +216,7 @@ class BackoffTests(SynchronousTestCase):
         self.assertEqual(len(w.driver.boots), 1)
         w.driver.answer_boots()
         w.turn()
-        self.assertFalse(w.pool.all_status()["cloud"]["quotaExceeded"])
+        self.assertFalse(all_status(w.pool)["cloud"]["quotaExceeded"])
         self.assertEqual(w.counts(), {"BOOTING": 1, "CREATING": 2})
 
     def test_a_boot_accepted_after_a_quota_refusal_but_asked_before_it_lifts_no_pause(self) -> None:
@@ -228,10 +229,10 @@ class BackoffTests(SynchronousTestCase):
         w.driver.errors["boot"].append(QuotaExceeded("Quota exceeded for instances"))
         w.pool.set_pool_size(3, 3, 0)
         w.turn()
-        self.assertTrue(w.pool.all_status()["cloud"]["quotaExceeded"])
+        self.assertTrue(all_status(w.pool)["cloud"]["quotaExceeded"])
         w.driver.answer_boots()
         w.turn()
-        self.assertTrue(w.pool.all_status()["cloud"]["quotaExceeded"])
+        self.assertTrue(all_status(w.pool)["cloud"]["quotaExceeded"])
         self.assertEqual(w.counts(), {"BOOTING": 2})  # no boot into the quota again
 
     def test_unavailable_cloud_backs_off_exponentially(self) -> None:
@@ -256,7 +257,7 @@ class BackoffTests(SynchronousTestCase):
         w.driver.errors["boot"].append(BadCloudRequest("Flavor m1.huge could not be found"))
         w.pool.set_pool_size(1, 1, 0)
         w.turn()
-        self.assertIn("m1.huge", w.pool.all_status()["cloud"]["lastError"])
+        self.assertIn("m1.huge", all_status(w.pool)["cloud"]["lastError"])
         self.assertEqual(w.counts(), {})
         w.advance(CONFIG.backoff_base)
         self.assertEqual(w.counts(), {"CREATING": 1})
@@ -286,7 +287,7 @@ class BootFailureTests(SynchronousTestCase):
         for vm in w.vms(VMState.BOOTING):  # a broken image: every agent dies at once
             w.driver.servers[vm.server_id] = ServerStatus(vm.server_id, "x", ERROR, fault="agent exited")
         w.advance(CONFIG.poll_interval)
-        health = w.pool.all_status()["cloud"]
+        health = all_status(w.pool)["cloud"]
         self.assertEqual(health["bootFailures"], 1)  # one burst, one failure
         self.assertIn("agent exited", health["lastError"])
         self.assertEqual(w.counts(), {})
@@ -295,7 +296,7 @@ class BootFailureTests(SynchronousTestCase):
         (probe,) = w.vms(VMState.BOOTING)
         w.channel.hello(probe.login, login=probe.login)
         w.turn()
-        self.assertEqual(w.pool.all_status()["cloud"]["bootFailures"], 0)
+        self.assertEqual(all_status(w.pool)["cloud"]["bootFailures"], 0)
         self.assertEqual(w.counts(), {"FREE": 1, "BOOTING": 2})
 
     def test_vms_removed_for_pool_size_are_no_failure(self) -> None:
@@ -305,4 +306,4 @@ class BootFailureTests(SynchronousTestCase):
         w.turn()
         w.pool.set_pool_size(0, 0, 0)
         w.turn()
-        self.assertEqual(w.pool.all_status()["cloud"]["bootFailures"], 0)
+        self.assertEqual(all_status(w.pool)["cloud"]["bootFailures"], 0)

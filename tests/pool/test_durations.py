@@ -6,6 +6,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from tests.pool.answers import handle_status
 from tests.pool.fakes import CONFIG, World
 from tests.timings import RecordingTimings
 from vmcloud.pool.interfaces import BatchOptions
@@ -83,11 +84,11 @@ class PhaseTests(SynchronousTestCase):
         self.assertTrue(w.state.vms[vmid].preparing)
         cold = w.pool.lock(batch)
         w.turn()
-        self.assertFalse(w.pool.handle_status(cold)["assigned"])
+        self.assertFalse(handle_status(w.pool, cold)["assigned"])
         w.advance(2.0)
         w.channel.answer_calls("PREPARE")
         w.turn()
-        self.assertTrue(w.pool.handle_status(cold)["assigned"])
+        self.assertTrue(handle_status(w.pool, cold)["assigned"])
         self.assertEqual(timings.of(LOCK_ASSIGNED), [(0.0, {}), (2.0, {})])
         self.assertEqual(timings.of(PREPARE)[-1], (2.0, {"outcome": "ok"}))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.pool.answers import all_status, handle_status, page_json
 from tests.pool.fakes import CONFIG, World
 from vmcloud.pool.interfaces import BatchOptions, UnknownHandle
 from vmcloud.pool.model import EventLog
@@ -20,7 +21,7 @@ def locked() -> tuple[World, str, str]:
     batch = w.pool.prepare_batch(1, HOME, BatchOptions())
     w.settle()
     handle = w.pool.lock(batch)
-    identity = w.state.vms[w.pool.handle_status(handle)["vmid"]].identity
+    identity = w.state.vms[handle_status(w.pool, handle)["vmid"]].identity
     return w, handle, identity
 
 
@@ -30,7 +31,7 @@ def page(n: int) -> dict[str, str]:
 
 class FetchEventsTests(SynchronousTestCase):
     def fetch(self, w: World, handle: str, last_id: int, wait: float | None = 0) -> Deferred[dict]:
-        return Deferred.fromCoroutine(w.pool.fetch_events(handle, last_id, wait))
+        return Deferred.fromCoroutine(w.pool.fetch_events(handle, last_id, wait)).addCallback(page_json)
 
     def test_page_loads_of_the_locked_vm_reach_its_handle(self) -> None:
         w, handle, identity = locked()
@@ -85,6 +86,14 @@ class FetchEventsTests(SynchronousTestCase):
         answer = self.successResultOf(d)
         self.assertEqual([e["data"] for e in answer["newEvents"]], [page(1)])
 
+    def test_one_event_answers_every_long_poll_of_the_handle(self) -> None:
+        w, handle, identity = locked()
+        start = w.pool.last_event_id(handle)
+        polls = [self.fetch(w, handle, start, wait=5) for _ in range(3)]
+        w.channel.event(identity, page(1))
+        for d in polls:
+            self.assertEqual([e["data"] for e in self.successResultOf(d)["newEvents"]], [page(1)])
+
     def test_long_poll_gives_up_after_wait_seconds(self) -> None:
         w, handle, _ = locked()
         start = w.pool.last_event_id(handle)
@@ -120,7 +129,7 @@ class FetchEventsTests(SynchronousTestCase):
         self.assertEqual(len(answer["newEvents"]), CONFIG.events_per_handle)
         self.assertEqual(answer["dropped"], 3)
         self.assertEqual(answer["newEvents"][-1]["data"], page(CONFIG.events_per_handle + 2))
-        status = w.pool.all_status()["handles"][0]
+        status = all_status(w.pool)["handles"][0]
         self.assertEqual(status["droppedEvents"], 4)  # the vm-assigned event went first
 
     def test_bad_events_from_a_guest_are_dropped_with_a_reason(self) -> None:

@@ -8,6 +8,7 @@ import attrs
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.pool.answers import all_status
 from tests.pool.fakes import CONFIG, World
 from vmcloud.pool.config import PoolConfig
 from vmcloud.pool.interfaces import BatchOptions, GuestInfo
@@ -68,7 +69,7 @@ class RobustnessTests(SynchronousTestCase):
         w = World()
         w.pool.set_pool_size(1, 1, 0)
         w.settle()
-        status = w.pool.all_status()
+        status = all_status(w.pool)
         self.assertGreater(status["reconciler"]["passes"], 1)
         self.assertGreaterEqual(status["reconciler"]["lastPassMs"], 0)
         self.assertEqual(status["cloud"]["driver"], "fake")

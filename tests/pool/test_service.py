@@ -7,6 +7,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from tests.pool.answers import all_status, handle_status, page_json
 from tests.pool.fakes import CONFIG, PREFIX, World
 from vmcloud.pool.interfaces import (
     BatchCancelled,
@@ -100,7 +101,7 @@ class WalkThroughTests(SynchronousTestCase):
         w, batch = ready_world()
         handle = w.pool.lock(batch)
         self.assertGreaterEqual(len(handle), 32)
-        status = w.pool.handle_status(handle)
+        status = handle_status(w.pool, handle)
         self.assertTrue(status["assigned"])
         vm = w.state.vms[status["vmid"]]
         self.assertEqual(vm.state, VMState.OCCUPIED)
@@ -130,13 +131,13 @@ class WalkThroughTests(SynchronousTestCase):
         w.pool.set_pool_size(0, 3, 60_000)
         batch = w.pool.prepare_batch(0, HOME, BatchOptions())
         handle = w.pool.lock(batch)
-        self.assertEqual(w.pool.handle_status(handle)["assigned"], False)
-        self.assertEqual(len(w.pool.all_status()["pendingLocks"]), 1)
+        self.assertEqual(handle_status(w.pool, handle)["assigned"], False)
+        self.assertEqual(len(all_status(w.pool)["pendingLocks"]), 1)
         w.settle()
-        status = w.pool.handle_status(handle)
+        status = handle_status(w.pool, handle)
         self.assertTrue(status["assigned"])
         self.assertEqual(w.counts(), {"OCCUPIED": 1})
-        self.assertEqual(w.pool.all_status()["pendingLocks"], [])
+        self.assertEqual(all_status(w.pool)["pendingLocks"], [])
 
     def test_locks_are_served_first_come_first_served(self) -> None:
         w = World()
@@ -151,13 +152,13 @@ class WalkThroughTests(SynchronousTestCase):
         w.turn()
         w.channel.answer_calls()
         w.turn()
-        self.assertTrue(w.pool.handle_status(first)["assigned"])
-        self.assertFalse(w.pool.handle_status(second)["assigned"])
+        self.assertTrue(handle_status(w.pool, first)["assigned"])
+        self.assertFalse(handle_status(w.pool, second)["assigned"])
 
     def test_release_cleans_the_vm_back_to_free_and_it_is_reused(self) -> None:
         w, batch = ready_world(free=1, batch_size=1, maximum=1)
         handle = w.pool.lock(batch)
-        vmid = w.pool.handle_status(handle)["vmid"]
+        vmid = handle_status(w.pool, handle)["vmid"]
         w.pool.cancel_batch(batch)
         w.pool.release(handle)
         w.turn()
@@ -176,15 +177,15 @@ class WalkThroughTests(SynchronousTestCase):
     def test_renew_expire_releases_the_handle_when_due(self) -> None:
         w, batch = ready_world()
         handle = w.pool.lock(batch)
-        vmid = w.pool.handle_status(handle)["vmid"]
+        vmid = handle_status(w.pool, handle)["vmid"]
         w.pool.renew_expire(handle, 1000)
-        status = w.pool.handle_status(handle)
+        status = handle_status(w.pool, handle)
         self.assertTrue(status["expires"])
         self.assertEqual(status["expireTime"], round((w.clock.seconds() + 1) * 1000))
         w.advance(0.5)
         w.pool.renew_expire(handle, 1000)  # resets the timer
         w.advance(0.9)
-        self.assertTrue(w.pool.handle_status(handle)["assigned"])
+        self.assertTrue(handle_status(w.pool, handle)["assigned"])
         w.advance(0.1)
         self.assertRaises(UnknownHandle, w.pool.handle_status, handle)
         self.assertEqual(w.state.vms[vmid].state, VMState.WAIT)
@@ -198,13 +199,13 @@ class WalkThroughTests(SynchronousTestCase):
         self.assertRaises(BatchCancelled, w.pool.lock, batch)
         w.settle()
         self.assertEqual(w.counts(), {"OCCUPIED": 1, "FREE": 2})
-        self.assertTrue(w.pool.handle_status(handle)["assigned"])
+        self.assertTrue(handle_status(w.pool, handle)["assigned"])
         # Not empty while a VM of it is locked: still there, still refusing locks with 409.
-        self.assertEqual([b["id"] for b in w.pool.all_status()["batches"]], [batch])
+        self.assertEqual([b["id"] for b in all_status(w.pool)["batches"]], [batch])
         self.assertRaises(BatchCancelled, w.pool.lock, batch)
         w.pool.release(handle)
         w.settle()
-        self.assertEqual(w.pool.all_status()["batches"], [])
+        self.assertEqual(all_status(w.pool)["batches"], [])
         self.assertRaises(UnknownBatch, w.pool.lock, batch)
 
     def test_cancelled_batch_still_serves_locks_waiting_before_the_cancel(self) -> None:
@@ -214,8 +215,8 @@ class WalkThroughTests(SynchronousTestCase):
         handle = w.pool.lock(batch)
         w.pool.cancel_batch(batch)
         w.settle()
-        self.assertTrue(w.pool.handle_status(handle)["assigned"])
-        self.assertEqual(w.pool.all_status()["batches"], [])
+        self.assertTrue(handle_status(w.pool, handle)["assigned"])
+        self.assertEqual(all_status(w.pool)["batches"], [])
 
     def test_shutdown_releases_cancels_and_terminates_everything(self) -> None:
         w, batch = ready_world()
@@ -231,7 +232,7 @@ class WalkThroughTests(SynchronousTestCase):
         self.assertEqual(w.counts(), {})
         self.assertEqual(w.driver.servers, {})
         self.assertEqual(sorted(w.channel.revoked), sorted(w.channel.minted))
-        self.assertTrue(w.pool.all_status()["shuttingDown"])
+        self.assertTrue(all_status(w.pool)["shuttingDown"])
         w.pool.set_pool_size(1, 2, 0)
         w.settle()
         self.assertEqual(w.counts(), {"FREE": 1})
@@ -243,7 +244,7 @@ class PoolSizeTests(SynchronousTestCase):
         w.pool.set_pool_size(50, 100, 0)
         w.turn()
         self.assertEqual(len(w.state.vms), CONFIG.max_pool_size)
-        size = w.pool.all_status()["poolSize"]
+        size = all_status(w.pool)["poolSize"]
         self.assertEqual((size["min"], size["max"]), (50, 100))
         self.assertEqual((size["effectiveMin"], size["effectiveMax"]), (10, 10))
 
@@ -270,7 +271,7 @@ class PoolSizeTests(SynchronousTestCase):
         w.pool.set_pool_size(0, 1, 60_000)
         w.turn()
         self.assertEqual(w.counts(), {"OCCUPIED": 1, "KILLING": 2})
-        self.assertTrue(w.pool.handle_status(handle)["assigned"])
+        self.assertTrue(handle_status(w.pool, handle)["assigned"])
         w.pool.set_pool_size(0, 0, 60_000)
         w.turn()
         self.assertEqual(w.counts()["OCCUPIED"], 1)
@@ -298,22 +299,24 @@ class FailureTests(SynchronousTestCase):
     def test_occupied_vm_dying_puts_an_event_on_its_handle(self) -> None:
         w, batch = ready_world()
         handle = w.pool.lock(batch)
-        vmid = w.pool.handle_status(handle)["vmid"]
+        vmid = handle_status(w.pool, handle)["vmid"]
         before = w.pool.last_event_id(handle)
         w.channel.gone(w.state.vms[vmid].identity, "BYE")
         w.turn()
-        answer = self.successResultOf(Deferred.fromCoroutine(w.pool.fetch_events(handle, before, 0)))
+        answer = page_json(
+            self.successResultOf(Deferred.fromCoroutine(w.pool.fetch_events(handle, before, 0)))
+        )
         self.assertEqual(
             [e["data"] for e in answer["newEvents"]],
             [{"action": "vm-died", "vmid": vmid, "reason": "guest gone: BYE"}],
         )
-        status = w.pool.handle_status(handle)
+        status = handle_status(w.pool, handle)
         self.assertFalse(status["assigned"])
         self.assertEqual(status["lost"]["vmid"], vmid)
         w.settle()
         self.assertNotIn(vmid, w.state.vms)
         self.assertEqual(w.counts(), {"READY": 2})
-        self.assertFalse(w.pool.handle_status(handle)["assigned"])  # not given another VM
+        self.assertFalse(handle_status(w.pool, handle)["assigned"])  # not given another VM
         w.pool.release(handle)
         self.assertRaises(UnknownHandle, w.pool.handle_status, handle)
 
@@ -400,7 +403,7 @@ class FailureTests(SynchronousTestCase):
         w.advance(CONFIG.poll_interval)
         self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
         w.pool.set_pool_size(1, 1, 0)
-        w.advance(w.pool.all_status()["cloud"]["backoffUntil"] / 1000 - w.clock.seconds())
+        w.advance(all_status(w.pool)["cloud"]["backoffUntil"] / 1000 - w.clock.seconds())
         self.assertEqual(w.counts(), {"CREATING": 1})
 
 

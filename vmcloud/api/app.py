@@ -42,6 +42,7 @@ from vmcloud.api.inputs import (
 )
 from vmcloud.api.metrics import Metrics, exposition
 from vmcloud.api.openapi import openapi_document
+from vmcloud.api.shapes import all_status_json, events_json, handle_status_json
 from vmcloud.api.static import StaticFiles
 from vmcloud.pool.interfaces import IPoolControl, PoolError
 
@@ -50,6 +51,8 @@ log = Logger(namespace="vmcloud.api")
 JSON_TYPE = b"application/json"
 TEXT_TYPE = b"text/plain; charset=utf-8"
 MONITOR_PATH = b"/static/monitor.html"
+#: The longest an /all-status?since= long poll waits (the daemon's long-poll cap may be lower).
+STATUS_WAIT_MAX = 30.0
 # A "%" that does not start a percent-escape: Twisted would pass it on as it is.
 _BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
@@ -150,6 +153,7 @@ class RestApi:
             (Route("GET", "/last-event-id/<handle>", "handle"), self.last_event_id),
             (Route("GET", "/fetch-events/<handle>/<lastId>", "handle"), self.fetch_events),
             (Route("POST", "/cancel-batch/<batch>", "admin"), self.cancel_batch),
+            (Route("POST", "/terminate-vm/<vmid>", "admin"), self.terminate_vm),
             (Route("POST", "/shutdown", "admin"), self.shutdown),
             (Route("GET", "/all-status", "admin"), self.all_status),
             (Route("GET", "/metrics", "admin"), self.metrics),
@@ -182,8 +186,8 @@ class RestApi:
             return _id_answer(request, "handle", handle)
         # With JSON the answer also says whether a READY VM was assigned at once, which saves the
         # application a handle-status round trip in the common case of a warm pool.
-        status = self._pool.handle_status(handle)
-        answer: dict[str, Any] = {"handle": handle, "assigned": bool(status.get("assigned"))}
+        status = handle_status_json(self._pool.handle_status(handle))
+        answer: dict[str, Any] = {"handle": handle, "assigned": status["assigned"]}
         if answer["assigned"]:
             answer["vmid"] = status.get("vmid")
         return _json(request, answer)
@@ -192,12 +196,29 @@ class RestApi:
         self._pool.cancel_batch(params["batch"])
         return _no_content(request)
 
+    async def terminate_vm(self, request: IRequest, params: Params) -> bytes:
+        self._pool.terminate_vm(params["vmid"])
+        return _no_content(request)
+
     async def shutdown(self, request: IRequest, params: Params) -> bytes:
         self._pool.shutdown()
         return _no_content(request, 202)
 
     async def all_status(self, request: IRequest, params: Params) -> bytes:
-        return _json(request, self._pool.all_status())
+        # ?since=<version>: answer once the status is at another version (at once if it already
+        # is), waiting up to ?wait= seconds for that; without since, at once.
+        since = _query(request, b"since")
+        wait = parse_wait(
+            _query(request, b"wait"),
+            default=self._long_poll_default,
+            maximum=min(STATUS_WAIT_MAX, self._max_long_poll),
+        )
+        if since is None:
+            status = self._pool.all_status()
+        else:
+            version = parse_count("since", since.decode("ascii", "replace"))
+            status = await self._pool.status_after(version, wait)
+        return _json(request, all_status_json(status))
 
     async def metrics(self, request: IRequest, params: Params) -> bytes:
         body, content_type = exposition(self._metrics, request.getHeader(b"accept"))
@@ -211,7 +232,7 @@ class RestApi:
         return _no_content(request)
 
     async def handle_status(self, request: IRequest, params: Params) -> bytes:
-        return _json(request, self._pool.handle_status(params["handle"]))
+        return _json(request, handle_status_json(self._pool.handle_status(params["handle"])))
 
     async def renew_expire(self, request: IRequest, params: Params) -> bytes:
         expire_ms = parse_count("expireTime", params["expireTime"])
@@ -223,12 +244,11 @@ class RestApi:
 
     async def fetch_events(self, request: IRequest, params: Params) -> bytes:
         last_id = parse_count("lastId", params["lastId"])
-        waits = request.args.get(b"wait") if request.args else None
         wait = parse_wait(
-            waits[-1] if waits else None, default=self._long_poll_default, maximum=self._max_long_poll
+            _query(request, b"wait"), default=self._long_poll_default, maximum=self._max_long_poll
         )
         events = await self._pool.fetch_events(params["handle"], last_id, wait)
-        return _json(request, events)
+        return _json(request, events_json(events))
 
     # ------------------------------------------------------------------ public routes
 
@@ -362,6 +382,12 @@ def make_api(
 
 
 # ---------------------------------------------------------------------- answers
+
+
+def _query(request: IRequest, name: bytes) -> bytes | None:
+    """The last value of a query parameter, or None when the request has none."""
+    values = request.args.get(name) if request.args else None
+    return values[-1] if values else None
 
 
 def _no_content(request: IRequest, status: int = 204) -> bytes:

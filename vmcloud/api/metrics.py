@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from vmcloud import timings
+from vmcloud.api.shapes import all_status_json
 from vmcloud.pool.interfaces import IPoolControl
 from vmcloud.timings import ITimings
 
@@ -211,7 +212,7 @@ class PoolCollector:
         self._pool = pool
 
     def collect(self) -> Iterator[Metric]:
-        yield from pool_metrics(self._pool.all_status())
+        yield from pool_metrics(all_status_json(self._pool.all_status()))
 
 
 def pool_registry(pool: IPoolControl) -> CollectorRegistry:

@@ -423,6 +423,25 @@ def openapi_document() -> dict[str, Any]:
                     parameters=[_BATCH],
                 )
             },
+            "/terminate-vm/{vmid}": {
+                "post": _operation(
+                    "The operator terminates one VM, whatever its state: it goes to ERROR and is deleted, "
+                    "and the pool replaces it by its rules. A handle holding it loses it as when a VM dies "
+                    '(a `vm-died` event, reason "terminated by the operator"; handle-status says `lost`). '
+                    "A VM already ERROR or KILLING is left to its termination.",
+                    {
+                        "204": {"description": "Termination under way."},
+                        **_errors("401"),
+                        **_refusals(
+                            _404="No VM of that id (code unknown-vm): never known, or already gone.",
+                            _409="The pool is shut down or the controller is stopping (code shutting-down).",
+                        ),
+                        **_errors("500"),
+                    },
+                    admin=True,
+                    parameters=[_path_param("vmid", "A VM id of /all-status.")],
+                )
+            },
             "/shutdown": {
                 "post": _operation(
                     "Release every handle, cancel every batch, terminate every VM.",
@@ -432,12 +451,37 @@ def openapi_document() -> dict[str, Any]:
             },
             "/all-status": {
                 "get": _operation(
-                    "Everything the monitor shows.",
+                    "Everything the monitor shows, with its `version`: a number that changes whenever "
+                    "anything shown changes (VMs, batches, preparations, handles and their events, pending "
+                    "locks, pool size, cloud health, shutdown), not with time alone (`time`, `reconciler`, "
+                    "`cloud.lastListingAt`). With `since`, a long poll: the answer comes at once when the "
+                    "version is not `since` any more, else at the next change, or after `wait` seconds "
+                    "(then possibly with the same version).",
                     {
                         "200": _json_answer("The pool.", {"$ref": "#/components/schemas/AllStatus"}),
+                        **_refusals(
+                            _400="since is not a non-negative integer, or wait not a non-negative number "
+                            "(code bad-request)."
+                        ),
                         **_errors("401", "500"),
                     },
                     admin=True,
+                    parameters=[
+                        {
+                            "name": "since",
+                            "in": "query",
+                            "required": False,
+                            "description": "The version the client has: the answer comes once it is not.",
+                            "schema": {"type": "integer", "minimum": 0},
+                        },
+                        {
+                            "name": "wait",
+                            "in": "query",
+                            "required": False,
+                            "description": "With since: seconds to wait for a change (default 5, at most 30)",
+                            "schema": {"type": "number", "minimum": 0},
+                        },
+                    ],
                 )
             },
             "/metrics": {
@@ -548,58 +592,192 @@ def _schemas() -> dict[str, Any]:
                 "audio": {"type": "boolean", "default": False},
             },
         },
-        "HandleStatus": {
-            "type": "object",
-            "required": ["assigned"],
-            "properties": {
+        "HandleStatus": _record(
+            {
                 "assigned": {"type": "boolean"},
-                "vmid": {"type": "string"},
-                "vm": {
-                    "type": "object",
-                    "description": "State, console and audio URLs, VNC password: what a worker page needs.",
-                },
+                "batch": {"type": "string"},
                 "expires": {"type": "boolean"},
-                "expireTime": {"type": ["integer", "null"], "description": "ms since the epoch"},
+                "expireTime": _MS_OR_NULL,
+                "vmid": {"type": "string", "description": "While a VM is lent to the handle."},
+                "vm": _record(
+                    {
+                        "vmid": {"type": "string"},
+                        "state": {"type": "string"},
+                        "since": _MS,
+                        "recovering": {"type": "boolean"},
+                        "console": {"type": "string", "description": "/console/{handle}: the screen (noVNC)"},
+                        "audio": {
+                            "type": ["string", "null"],
+                            "description": "/audio/{handle}: the sound, when the batch asked for it",
+                        },
+                        "vncPassword": _TEXT_OR_NULL,
+                    }
+                ),
+                "lost": _record(
+                    {"vmid": {"type": "string"}, "reason": {"type": "string"}, "time": _MS},
+                ),
             },
-        },
-        "Events": {
-            "type": "object",
-            "required": ["lastId", "newEvents"],
-            "properties": {
+            optional=("vmid", "vm", "lost"),
+        ),
+        "Events": _record(
+            {
                 "lastId": {"type": "integer"},
-                "newEvents": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["id", "time", "data"],
-                        "properties": {
+                "newEvents": _list_of(
+                    _record(
+                        {
                             "id": {"type": "integer"},
-                            "time": {"type": "number"},
+                            "time": _MS,
                             "data": {
                                 "type": "object",
                                 "description": 'e.g. {"action": "page-load", "url": ..., "title": ...}',
                             },
-                        },
-                    },
+                        }
+                    )
+                ),
+                "dropped": {
+                    "type": "integer",
+                    "description": "Events after lastId that were dropped (the handle's log is bounded).",
                 },
-            },
-        },
-        "AllStatus": {
-            "type": "object",
-            "properties": {
-                "poolSize": {
-                    "type": "object",
-                    "properties": {
-                        "min": {"type": "integer"},
-                        "max": {"type": "integer"},
-                        "linger": {"type": "integer"},
-                    },
-                },
-                "vms": {"type": "array", "items": {"type": "object"}},
-                "batches": {"type": "array", "items": {"type": "object"}},
-                "preps": {"type": "array", "items": {"type": "object"}},
-                "handles": {"type": "array", "items": {"type": "object"}},
-                "pendingLocks": {"type": "array", "items": {"type": "object"}},
-            },
-        },
+            }
+        ),
+        "AllStatus": _all_status_schema(),
     }
+
+
+_MS = {"type": "integer", "description": "ms since the epoch"}
+_MS_OR_NULL = {"type": ["integer", "null"], "description": "ms since the epoch"}
+_TEXT_OR_NULL = {"type": ["string", "null"]}
+_COUNT = {"type": "integer", "minimum": 0}
+
+
+def _record(properties: dict[str, Any], *, optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """An object whose every property is always there (but ``optional`` ones)."""
+    return {
+        "type": "object",
+        "required": [name for name in properties if name not in optional],
+        "properties": properties,
+    }
+
+
+def _list_of(item: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": item}
+
+
+def _all_status_schema() -> dict[str, Any]:
+    """What GET /all-status answers, key by key (tests/api/test_shapes.py holds it to the real pool)."""
+    return _record(
+        {
+            "poolSize": _record(
+                {
+                    "min": _COUNT,
+                    "max": _COUNT,
+                    "linger": {"type": "integer", "description": "ms"},
+                    "effectiveMin": _COUNT,
+                    "effectiveMax": _COUNT,
+                    "maxPoolSize": _COUNT,
+                }
+            ),
+            "vms": _list_of(
+                _record(
+                    {
+                        "vmid": {"type": "string"},
+                        "state": {
+                            "type": "string",
+                            "enum": [
+                                "CREATING",
+                                "BOOTING",
+                                "FREE",
+                                "WAIT",
+                                "READY",
+                                "OCCUPIED",
+                                "ERROR",
+                                "KILLING",
+                            ],
+                        },
+                        "version": {"type": "integer"},
+                        "since": _MS,
+                        "serverId": _TEXT_OR_NULL,
+                        "identity": _TEXT_OR_NULL,
+                        "ip": _TEXT_OR_NULL,
+                        "mac": _TEXT_OR_NULL,
+                        "batch": _TEXT_OR_NULL,
+                        "handle": _TEXT_OR_NULL,
+                        "lastUsed": _MS,
+                        "recovering": {"type": "boolean"},
+                        "reason": _TEXT_OR_NULL,
+                        "capabilities": _list_of({"type": "string"}),
+                    }
+                )
+            ),
+            "batches": _list_of(
+                _record(
+                    {
+                        "id": {"type": "string"},
+                        "size": _COUNT,
+                        "homepage": {"type": "string"},
+                        "cancelled": {"type": "boolean"},
+                        "createdAt": _MS,
+                        "ready": _COUNT,
+                        "preparing": _COUNT,
+                        "occupied": _COUNT,
+                        "pendingLocks": _COUNT,
+                    }
+                )
+            ),
+            "preps": _list_of(
+                _record(
+                    {
+                        "batch": {"type": "string"},
+                        "vmid": _TEXT_OR_NULL,
+                        "state": {"type": "string", "enum": ["preparing", "queued"]},
+                        "since": {**_MS, "description": "ms since the epoch; only while preparing"},
+                    },
+                    optional=("since",),
+                )
+            ),
+            "handles": _list_of(
+                _record(
+                    {
+                        "handle": {"type": "string"},
+                        "batch": {"type": "string"},
+                        "vmid": _TEXT_OR_NULL,
+                        "createdAt": _MS,
+                        "expireTime": _MS_OR_NULL,
+                        "lost": {"type": ["string", "null"], "description": "why it lost its VM"},
+                        "lastEventId": _COUNT,
+                        "events": _COUNT,
+                        "droppedEvents": _COUNT,
+                    }
+                )
+            ),
+            "pendingLocks": _list_of(
+                _record({"handle": {"type": "string"}, "batch": {"type": "string"}, "since": _MS})
+            ),
+            "cloud": _record(
+                {
+                    "driver": {"type": "string"},
+                    "backingOff": {"type": "boolean"},
+                    "backoffUntil": _MS_OR_NULL,
+                    "quotaExceeded": {"type": "boolean"},
+                    "quotaRetryAt": _MS_OR_NULL,
+                    "failures": _COUNT,
+                    "quotaRefusals": _COUNT,
+                    "bootFailures": _COUNT,
+                    "bootBackoffUntil": _MS_OR_NULL,
+                    "lastError": _TEXT_OR_NULL,
+                    "lastErrorAt": _MS_OR_NULL,
+                    "lastListingAt": _MS_OR_NULL,
+                    "strays": _COUNT,
+                }
+            ),
+            "shuttingDown": {"type": "boolean"},
+            "reconciler": _record(
+                {"passes": _COUNT, "lastPassMs": {"type": "number"}, "slowestPassMs": {"type": "number"}}
+            ),
+            "time": {**_MS, "description": "the controller's clock when the status was made"},
+            "version": {
+                "type": "integer",
+                "description": "Changes with anything shown but time; pass it as since to wait for a change.",
+            },
+        }
+    )

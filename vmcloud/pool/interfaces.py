@@ -14,7 +14,10 @@ from typing import Any
 import attrs
 from zope.interface import Attribute, Interface
 
-# The cookie is shared with the guest, so it lives with the words; named here too, as a seam record.
+# Seam records that live elsewhere, named here too: the cookie is shared with the guest, so it
+# lives with the words; the batch options are held by the model, which needs nothing of this module.
+from vmcloud.pool.options import BatchOptions as BatchOptions
+from vmcloud.pool.views import EventPage, HandleStatus, PoolStatus
 from vmcloud.words.cookies import Cookie as Cookie
 
 # --------------------------------------------------------------------------- cloud
@@ -220,6 +223,11 @@ class UnknownHandle(PoolError):
     code = "unknown-handle"
 
 
+class UnknownVM(PoolError):
+    status = 404
+    code = "unknown-vm"
+
+
 class BatchCancelled(PoolError):
     status = 409
     code = "batch-cancelled"
@@ -230,21 +238,12 @@ class ShuttingDown(PoolError):
     code = "shutting-down"
 
 
-@attrs.frozen
-class BatchOptions:
-    """What a batch's browsers get on top of their home page."""
-
-    cookies: tuple[Cookie, ...] = ()
-    window_width: int = 1280
-    window_height: int = 800
-    audio: bool = False
-
-
 class IPoolControl(Interface):
     """The operations of the REST API, on the pool; the API is a thin HTTP skin over this.
 
     Every method validates its arguments and raises a :class:`PoolError` subclass on bad input.
-    Times are milliseconds where the REST API speaks milliseconds.
+    Answers are records of :mod:`vmcloud.pool.views` (times in seconds on the pool's clock); the
+    API shapes them into its JSON.  Arguments are milliseconds where the REST API speaks them.
     """
 
     def set_pool_size(minimum: int, maximum: int, linger_ms: int) -> None:
@@ -259,8 +258,8 @@ class IPoolControl(Interface):
     def release(handle: str) -> None:
         """Give the handle's VM back: it is cleaned and reused."""
 
-    def handle_status(handle: str) -> Mapping[str, Any]:
-        """``{"assigned": False}`` or ``{"assigned": True, "vmid", "vm", "expires", "expireTime"}``."""
+    def handle_status(handle: str) -> HandleStatus:
+        """The handle, the VM it holds (if any) and whether its batch has sound."""
 
     def renew_expire(handle: str, expire_ms: int) -> None:
         """Release the handle expire_ms from now (resets any earlier timer)."""
@@ -268,14 +267,21 @@ class IPoolControl(Interface):
     def last_event_id(handle: str) -> int:
         """The id to pass to the first fetch_events."""
 
-    async def fetch_events(handle: str, last_id: int, wait: float) -> Mapping[str, Any]:
+    async def fetch_events(handle: str, last_id: int, wait: float) -> EventPage:
         """Events after last_id; waits up to ``wait`` seconds when there are none."""
 
     def cancel_batch(batch: str) -> None:
         """No new locks from the batch."""
 
+    def terminate_vm(vmid: str) -> None:
+        """The operator terminates one VM, whatever its state; a handle holding it loses it."""
+
     def shutdown() -> None:
         """Release every handle, cancel every batch, terminate every VM (under way on return)."""
 
-    def all_status() -> Mapping[str, Any]:
+    def all_status() -> PoolStatus:
         """Everything the monitor shows."""
+
+    async def status_after(since: int, wait: float) -> PoolStatus:
+        """The status once its version is not ``since``: at once when it already differs, else
+        when it changes, or after ``wait`` seconds (or at stop) whatever it is then."""

@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 
 from vmcloud.pool.config import PoolConfig
-from vmcloud.pool.interfaces import BatchOptions
+from vmcloud.pool.options import BatchOptions
 
 
 class VMState(enum.Enum):

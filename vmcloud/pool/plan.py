@@ -110,7 +110,8 @@ class DropBatch:
 ABOVE_MAX = "above the maximum pool size"
 LINGER = "idle longer than linger"
 SHUTTING_DOWN = "shutting down"
-NOT_FAILURES = frozenset({ABOVE_MAX, LINGER, SHUTTING_DOWN})
+TERMINATED = "terminated by the operator"
+NOT_FAILURES = frozenset({ABOVE_MAX, LINGER, SHUTTING_DOWN, TERMINATED})
 
 Action = Boot | Delete | DeleteServer | Prepare | Cleanup | Assign | ReleaseHandle | DropBatch
 

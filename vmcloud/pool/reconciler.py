@@ -532,31 +532,6 @@ class Reconciler:
         if self.state.operation_failed(vmid, version, reason, self.clock.seconds()):
             log.warn("VM {vmid}: {reason}", vmid=vmid, reason=reason, event="guest-failed")
 
-    # ------------------------------------------------------------------ status
-
-    def health(self, now: float) -> dict[str, Any]:
-        """Cloud health and reconciler figures for ``/all-status``."""
-        cloud = self.state.cloud
-        return {
-            "driver": str(getattr(self.driver, "name", "?")),
-            "backingOff": cloud.backing_off(now),
-            "backoffUntil": _ms(cloud.backoff_until) if cloud.backing_off(now) else None,
-            "quotaExceeded": now < cloud.quota_until,
-            "quotaRetryAt": _ms(cloud.quota_until) if now < cloud.quota_until else None,
-            "failures": cloud.failures,
-            "quotaRefusals": cloud.quota_failures,
-            "bootFailures": cloud.boot_failures,
-            "bootBackoffUntil": _ms(cloud.boot_backoff_until) if now < cloud.boot_backoff_until else None,
-            "lastError": cloud.last_error,
-            "lastErrorAt": _ms(cloud.last_error_at) if cloud.last_error_at is not None else None,
-            "lastListingAt": _ms(self.last_listing_at) if self.last_listing_at is not None else None,
-            "strays": len(self.state.strays),
-        }
-
-
-def _ms(seconds: float) -> int:
-    return round(seconds * 1000)
-
 
 __all__ = [
     "META_CONTROLLER",

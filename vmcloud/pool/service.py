@@ -16,6 +16,13 @@ Decisions worth knowing:
   the application decides).  The VM is terminated and the pool replaces it by its rules.
 * ``shutdown`` releases every handle, cancels every batch, terminates every VM and keeps the pool
   at 0; batches and locks are refused (409) until ``set_pool_size`` starts the pool again.
+* ``terminate_vm`` (the operator's) marks the VM ERROR with the reason "terminated by the
+  operator", as a VM that dies: its handle loses it, the plan deletes it and replaces it by its
+  rules; it is not a boot failure, so booting does not slow down for it.
+* Answers are records (:mod:`vmcloud.pool.views`); the API makes its JSON of them.  The status
+  carries a version that moves whenever something it shows changes, checked after every API call,
+  every reconcile pass (which follows every change the pool makes on its own) and every event, so
+  that ``status_after`` wakes a waiting monitor within a reactor turn, without polling.
 """
 
 from __future__ import annotations
@@ -51,12 +58,24 @@ from vmcloud.pool.interfaces import (
     ShuttingDown,
     UnknownBatch,
     UnknownHandle,
+    UnknownVM,
 )
 from vmcloud.pool.model import VM, Event, Handle, PoolSpec, VMState
-from vmcloud.pool.plan import effective_size, preparation_queue
+from vmcloud.pool.plan import TERMINATED, effective_size, preparation_queue
 from vmcloud.pool.reconciler import Reconciler
 from vmcloud.pool.snapshot import SnapshotError, restore
 from vmcloud.pool.state import GuestRefused, PoolState
+from vmcloud.pool.views import (
+    BatchView,
+    CloudView,
+    EventPage,
+    HandleStatus,
+    HandleView,
+    PoolSize,
+    PoolStatus,
+    Preparation,
+    ReconcilerView,
+)
 from vmcloud.timings import NO_TIMINGS, ITimings
 
 __all__ = ["PoolConfig", "PoolService"]
@@ -76,10 +95,8 @@ MAX_EVENT_BYTES = 16 * 1024
 BOOTED = frozenset({VMState.CREATING, VMState.BOOTING})
 #: Long-polls waiting on one handle; beyond, the oldest is answered (empty) to make room.
 MAX_WAITERS_PER_HANDLE = 8
-
-
-def _ms(seconds: float) -> int:
-    return round(seconds * 1000)
+#: Long-polls waiting for the status to change (monitors); beyond, the oldest is answered.
+MAX_STATUS_WAITERS = 64
 
 
 class StateLines:
@@ -233,11 +250,17 @@ class PoolService(Service):
         self._lines = StateLines()
         self._timings = timings
         self._reconciler = Reconciler(
-            clock, driver, channel, store, config, state, grouping=self._lines.grouped, timings=timings
+            clock, driver, channel, store, config, state, grouping=self._pass, timings=timings
         )
         self._waiters: dict[str, list[Deferred[None]]] = {}
         self._expiry: dict[str, IDelayedCall] = {}
         self._stopping = False
+        # The status version: it starts at the clock's milliseconds, so that a version a client kept
+        # from an earlier run of the daemon is unlikely to be the current one.
+        self._version = round(clock.seconds() * 1000)
+        self._seen: tuple[object, ...] | None = None
+        self._status_waiters: list[Deferred[None]] = []
+        self._status_wake: IDelayedCall | None = None
         self._access_watchers: list[tuple[Callable[[str, str], None], Callable[[str, str], None]]] = []
         self._attach(state)
         channel.add_listener(self)
@@ -255,6 +278,17 @@ class PoolService(Service):
         state.on_transition = self._log_transition
         state.on_handle_event = self._event_added
         state.on_handle_gone = self._handle_gone
+
+    @contextmanager
+    def _pass(self) -> Iterator[None]:
+        """What each reconcile pass runs in: its state lines grouped, then the status version
+        brought up to date.  Every change the pool makes on its own (answers from the cloud and
+        guests, timeouts, the tick) is followed by a pass, so status waiters hear of it there."""
+        try:
+            with self._lines.grouped():
+                yield
+        finally:
+            self._notice()
 
     # ------------------------------------------------------------------ life
 
@@ -296,6 +330,7 @@ class PoolService(Service):
         self._expiry.clear()
         for token in list(self._waiters):
             self._wake(token)
+        self._wake_status()
         self._reconciler.checkpoint()
         await self._store.flush()
         if self.state.vms:
@@ -354,7 +389,48 @@ class PoolService(Service):
             raise ShuttingDown("the controller is stopping")
 
     def _changed(self) -> None:
+        self._notice()
         self._reconciler.schedule()
+
+    # ------------------------------------------------------------------ the status version
+
+    def _status_mark(self) -> tuple[object, ...]:
+        """What moves whenever /all-status would show something else (time alone aside).
+
+        ``changes`` counts every change of the state's records; the strays and the cloud health
+        are changed beside it, and a pause of the cloud's ends with time (shown as ended at once).
+        """
+        state = self.state
+        cloud = state.cloud
+        now = self._clock.seconds()
+        return (
+            state,
+            state.changes,
+            len(state.strays),
+            cloud,
+            cloud.backing_off(now),
+            now < cloud.quota_until,
+            now < cloud.boot_backoff_until,
+        )
+
+    def _notice(self) -> int:
+        """The status version, moved on (and its waiters woken next turn) if the pool changed."""
+        mark = self._status_mark()
+        if mark != self._seen:
+            self._seen = mark
+            self._version += 1
+            if self._status_waiters and self._status_wake is None:
+                self._status_wake = self._clock.callLater(0, self._wake_status)
+        return self._version
+
+    def _wake_status(self) -> None:
+        call, self._status_wake = self._status_wake, None
+        if call is not None and call.active():
+            call.cancel()
+        waiters, self._status_waiters = self._status_waiters, []
+        for waiter in list(waiters):  # each takes itself out of the list as it wakes
+            if not waiter.called:
+                waiter.callback(None)
 
     # ------------------------------------------------------------------ IPoolControl
 
@@ -437,39 +513,11 @@ class PoolService(Service):
         self.state.release_handle(handle)
         self._changed()
 
-    def handle_status(self, handle: str) -> Mapping[str, Any]:
+    def handle_status(self, handle: str) -> HandleStatus:
         found = self._handle(handle)
-        status: dict[str, Any] = {
-            "assigned": found.vmid is not None,
-            "batch": found.batch,
-            "expires": found.expire_at is not None,
-            "expireTime": _ms(found.expire_at) if found.expire_at is not None else None,
-        }
         vm = self.state.vms.get(found.vmid) if found.vmid is not None else None
-        if vm is not None:
-            status["vmid"] = vm.vmid
-            status["vm"] = self._worker_view(found, vm)
-        if found.lost is not None:
-            status["lost"] = {
-                "vmid": found.lost.vmid,
-                "reason": found.lost.reason,
-                "time": _ms(found.lost.at),
-            }
-        return status
-
-    def _worker_view(self, handle: Handle, vm: VM) -> dict[str, Any]:
-        """What a worker's page needs of its VM; addresses go through the controller's proxy."""
-        batch = self.state.batches.get(handle.batch)
-        audio = batch is None or batch.options.audio
-        return {
-            "vmid": vm.vmid,
-            "state": vm.state.value,
-            "since": _ms(vm.since),
-            "recovering": vm.recovering,
-            "console": f"/console/{handle.token}",
-            "audio": f"/audio/{handle.token}" if audio else None,
-            "vncPassword": vm.vnc_password,
-        }
+        batch = self.state.batches.get(found.batch)
+        return HandleStatus(found, vm, audio=batch is None or batch.options.audio)
 
     def renew_expire(self, handle: str, expire_ms: int) -> None:
         self._handle(handle)
@@ -493,23 +541,31 @@ class PoolService(Service):
     def last_event_id(self, handle: str) -> int:
         return self._handle(handle).events.last_id
 
-    async def fetch_events(self, handle: str, last_id: int, wait: float | None = None) -> Mapping[str, Any]:
+    async def fetch_events(self, handle: str, last_id: int, wait: float | None = None) -> EventPage:
         found = self._handle(handle)
         _count(last_id, "lastId")
         if last_id > found.events.last_id:
             raise InvalidRequest(
                 f"lastId {last_id} is beyond the handle's last event id {found.events.last_id}"
             )
-        if wait is None:
-            wait = self.config.long_poll_default
-        if not isinstance(wait, int | float) or isinstance(wait, bool) or math.isnan(wait) or wait < 0:
-            raise InvalidRequest(f"wait must be a non-negative number of seconds, not {wait!r}")
-        wait = min(float(wait), self.config.long_poll_max)
+        wait = self._wait(wait)
         answer = self._events_after(handle, last_id)
-        if answer["newEvents"] or wait <= 0 or self._stopping:
+        if answer.events or wait <= 0 or self._stopping:
             return answer
-        waiters = self._waiters.setdefault(handle, [])
-        if len(waiters) >= MAX_WAITERS_PER_HANDLE:
+        try:
+            await self._woken_in(self._waiters.setdefault(handle, []), MAX_WAITERS_PER_HANDLE, wait)
+        finally:
+            if handle in self._waiters and not self._waiters[handle]:
+                del self._waiters[handle]
+        return self._events_after(handle, last_id)
+
+    async def _woken_in(self, waiters: list[Deferred[None]], most: int, wait: float) -> None:
+        """Wait among ``waiters`` until one wakes them all (fires each) or ``wait`` seconds passed.
+
+        Beyond ``most`` waiters the oldest is woken to make room.  A wait that is cancelled (its
+        client went away) leaves neither its timer nor itself behind.
+        """
+        if len(waiters) >= most:
             oldest = waiters.pop(0)
             if not oldest.called:
                 oldest.callback(None)
@@ -521,27 +577,54 @@ class PoolService(Service):
         finally:
             if timer.active():
                 timer.cancel()
-            left = self._waiters.get(handle)
-            if left is not None and woken in left:
-                left.remove(woken)
-                if not left:
-                    del self._waiters[handle]
-        return self._events_after(handle, last_id)
+            if woken in waiters:
+                waiters.remove(woken)
 
-    def _events_after(self, token: str, last_id: int) -> dict[str, Any]:
+    def _wait(self, wait: object) -> float:
+        """A long poll's ``wait`` in seconds: the default when None, capped at ``long_poll_max``."""
+        if wait is None:
+            wait = self.config.long_poll_default
+        if not isinstance(wait, int | float) or isinstance(wait, bool) or math.isnan(wait) or wait < 0:
+            raise InvalidRequest(f"wait must be a non-negative number of seconds, not {wait!r}")
+        return min(float(wait), self.config.long_poll_max)
+
+    def _events_after(self, token: str, last_id: int) -> EventPage:
         found = self._handle(token)
         events, dropped = found.events.after(last_id)
-        return {
-            "lastId": events[-1].id if events else last_id,
-            "newEvents": [{"id": e.id, "time": _ms(e.time), "data": dict(e.data)} for e in events],
-            "dropped": dropped,
-        }
+        return EventPage(events[-1].id if events else last_id, tuple(events), dropped)
 
     def cancel_batch(self, batch: str) -> None:
         if not isinstance(batch, str) or batch not in self.state.batches:
             raise UnknownBatch(f"no batch {batch!r}")
         self.state.cancel_batch(batch)
         log.info("Batch {batch} cancelled", batch=batch, event="batch")
+        self._changed()
+
+    def terminate_vm(self, vmid: str) -> None:
+        self._check_open()
+        state = self.state
+        vm = state.vms.get(vmid) if isinstance(vmid, str) else None
+        if vm is None:
+            raise UnknownVM(f"no VM {vmid!r} (never known, or already terminated)")
+        if state.shutting_down:
+            raise ShuttingDown("the pool is shut down: every VM is being terminated")
+        if not vm.alive:
+            log.info(
+                "VM {vmid}: the operator asked to terminate it; it is already {state}",
+                vmid=vm.vmid,
+                state=vm.state.value,
+                event="vm-terminate",
+            )
+            return
+        log.info(
+            "VM {vmid} ({state}) terminated by the operator{lent}",
+            vmid=vm.vmid,
+            state=vm.state.value,
+            lent="; its handle loses it" if vm.state is VMState.OCCUPIED and vm.handle else "",
+            event="vm-terminate",
+        )
+        # as when a VM dies: ERROR, its handle told; the plan deletes it and replaces it by its rules
+        state.fail_vm(vm.vmid, TERMINATED, self._clock.seconds())
         self._changed()
 
     def shutdown(self) -> None:
@@ -557,90 +640,59 @@ class PoolService(Service):
         )
         self._reconciler.run_pass()
 
-    def all_status(self) -> Mapping[str, Any]:
+    def all_status(self) -> PoolStatus:
+        version = self._notice()
         now = self._clock.seconds()
         state = self.state
         minimum, maximum = effective_size(self.config, state)
-        batches = []
-        for batch in state.batches.values():
-            batches.append(
-                {
-                    "id": batch.id,
-                    "size": batch.size,
-                    "homepage": batch.homepage,
-                    "cancelled": batch.cancelled,
-                    "createdAt": _ms(batch.created_at),
-                    "ready": len(state.members(VMState.READY, batch.id)),
-                    "preparing": len(state.members(VMState.WAIT, batch.id)),
-                    "occupied": len(state.members(VMState.OCCUPIED, batch.id)),
-                    "pendingLocks": state.pending_count(batch.id),
-                }
+        batches = tuple(
+            BatchView(
+                batch,
+                ready=len(state.members(VMState.READY, batch.id)),
+                preparing=len(state.members(VMState.WAIT, batch.id)),
+                occupied=len(state.members(VMState.OCCUPIED, batch.id)),
+                pending_locks=state.pending_count(batch.id),
             )
-        preps: list[dict[str, Any]] = []
-        for vmid in state.ids(VMState.WAIT):
-            vm = state.vms[vmid]
-            if vm.batch is not None:
-                preps.append({"batch": vm.batch, "vmid": vmid, "state": "preparing", "since": _ms(vm.since)})
-        preps.extend({"batch": b, "vmid": None, "state": "queued"} for b in preparation_queue(state, now))
+            for batch in state.batches.values()
+        )
+        preps = [
+            Preparation(vm.batch, vmid, vm.since)
+            for vmid in state.ids(VMState.WAIT)
+            if (vm := state.vms[vmid]).batch is not None
+        ]
+        preps.extend(Preparation(batch) for batch in preparation_queue(state, now))
         reconciler = self._reconciler
-        return {
-            "poolSize": {
-                "min": state.spec.minimum,
-                "max": state.spec.maximum,
-                "linger": state.spec.linger_ms,
-                "effectiveMin": minimum,
-                "effectiveMax": maximum,
-                "maxPoolSize": self.config.max_pool_size,
-            },
-            "vms": [self._vm_status(vm) for vm in state.vms.values()],
-            "batches": batches,
-            "preps": preps,
-            "handles": [self._handle_summary(h) for h in state.handles.values()],
-            "pendingLocks": [
-                {"handle": p.handle, "batch": p.batch, "since": _ms(p.since)} for p in state.pending.values()
-            ],
-            "cloud": reconciler.health(now),
-            "shuttingDown": state.shutting_down,
-            "reconciler": {
-                "passes": reconciler.passes,
-                "lastPassMs": round(reconciler.last_pass_seconds * 1000, 3),
-                "slowestPassMs": round(reconciler.slowest_pass_seconds * 1000, 3),
-            },
-            "time": _ms(now),
-        }
+        return PoolStatus(
+            version=version,
+            time=now,
+            size=PoolSize(state.spec, minimum, maximum, self.config.max_pool_size),
+            vms=tuple(state.vms.values()),
+            batches=batches,
+            preps=tuple(preps),
+            handles=tuple(
+                HandleView(h, h.events.last_id, len(h.events), h.events.dropped)
+                for h in state.handles.values()
+            ),
+            pending_locks=tuple(state.pending.values()),
+            cloud=CloudView(
+                driver=str(getattr(reconciler.driver, "name", "?")),
+                health=state.cloud,
+                last_listing_at=reconciler.last_listing_at,
+                strays=len(state.strays),
+            ),
+            shutting_down=state.shutting_down,
+            reconciler=ReconcilerView(
+                reconciler.passes, reconciler.last_pass_seconds, reconciler.slowest_pass_seconds
+            ),
+        )
 
-    @staticmethod
-    def _vm_status(vm: VM) -> dict[str, Any]:
-        return {
-            "vmid": vm.vmid,
-            "state": vm.state.value,
-            "version": vm.version,
-            "since": _ms(vm.since),
-            "serverId": vm.server_id,
-            "identity": vm.identity,
-            "ip": vm.ip or (vm.ips[0] if vm.ips else None),
-            "mac": vm.mac or (vm.macs[0] if vm.macs else None),
-            "batch": vm.batch,
-            "handle": vm.handle,
-            "lastUsed": _ms(vm.last_used),
-            "recovering": vm.recovering,
-            "reason": vm.reason,
-            "capabilities": list(vm.capabilities),
-        }
-
-    @staticmethod
-    def _handle_summary(handle: Handle) -> dict[str, Any]:
-        return {
-            "handle": handle.token,
-            "batch": handle.batch,
-            "vmid": handle.vmid,
-            "createdAt": _ms(handle.created_at),
-            "expireTime": _ms(handle.expire_at) if handle.expire_at is not None else None,
-            "lost": None if handle.lost is None else handle.lost.reason,
-            "lastEventId": handle.events.last_id,
-            "events": len(handle.events),
-            "droppedEvents": handle.events.dropped,
-        }
+    async def status_after(self, since: int, wait: float) -> PoolStatus:
+        _count(since, "since")
+        wait = self._wait(wait)
+        if self._notice() != since or wait <= 0 or self._stopping:
+            return self.all_status()
+        await self._woken_in(self._status_waiters, MAX_STATUS_WAITERS, wait)
+        return self.all_status()
 
     def _handle(self, token: object) -> Handle:
         found = self.state.handles.get(token) if isinstance(token, str) else None
@@ -740,6 +792,7 @@ class PoolService(Service):
 
     def _event_added(self, token: str, event: Event) -> None:
         self._wake(token)
+        self._notice()  # a guest's event runs no pass: /all-status counts the handle's events
 
     def _handle_gone(self, token: str) -> None:
         self._access_ended(token, None, "the handle was released or expired")
@@ -749,6 +802,6 @@ class PoolService(Service):
         self._wake(token)
 
     def _wake(self, token: str) -> None:
-        for waiter in self._waiters.pop(token, []):
+        for waiter in list(self._waiters.pop(token, [])):  # each takes itself out as it wakes
             if not waiter.called:
                 waiter.callback(None)
