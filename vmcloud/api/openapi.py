@@ -486,7 +486,9 @@ def openapi_document() -> dict[str, Any]:
             },
             "/metrics": {
                 "get": _operation(
-                    "Prometheus metrics, read from all-status at each scrape: the text format 0.0.4, or"
+                    "Prometheus metrics: the pool's gauges read from all-status at each scrape, and"
+                    " histograms of durations (lock to VM, prepare, cleanup, boot, reconcile pass,"
+                    " Nova calls, checkpoint writes) filled as they happen; the text format 0.0.4, or"
                     " OpenMetrics 1.0 when the scraper's Accept asks for it; seconds, full precision.",
                     {
                         "200": {
