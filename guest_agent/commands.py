@@ -13,10 +13,11 @@ Why ``os.wait4`` rather than ``resource.getrusage(RUSAGE_CHILDREN)`` deltas: the
 agent's own counters would mix commands together.  ``wait4`` in the leader gives exactly the
 command's usage (itself plus the descendants it waited for).  The leader ignores SIGTERM so that,
 on a timeout, it survives the command long enough to report; the SIGKILL that follows after the
-grace kills it too, and then ``resources`` is empty.  The leader costs ~30-50 ms of start-up and
-about 10 MiB while the command runs.  Linux counts the memory of the image a process replaced by
-``exec`` into ``ru_maxrss``, and ``posix_spawn`` starts from the leader's image, so ``ru_maxrss`` is
-never below the leader's ~10 MiB; CPU times, faults and I/O counts are the command's alone.
+grace kills it too, and then ``resources`` is empty.  The leader is one more Python start-up per
+command and one more small process while the command runs.  Linux counts the memory of the image a
+process replaced by ``exec`` into ``ru_maxrss``, and ``posix_spawn`` starts from the leader's image,
+so ``ru_maxrss`` is never below the leader's own; CPU times, faults and I/O counts are the command's
+alone.
 
 Environment: the command gets ``base_env`` (a fixed, minimal environment unless the agent's
 composition root passes another) overlaid with the request's ``env``.
