@@ -66,8 +66,11 @@ class ServedFilesTests(TestCase):
         async def check() -> None:
             status, content_type, body = await self.get("/static/monitor.html")
             self.assertEqual((status, content_type), (200, "text/html"))
-            self.assertIn(b'<script src="vmcloud.js">', body)
-            self.assertIn(b"allStatus", body)
+            self.assertIn(b'<script src="monitor.js" defer></script>', body)
+            self.assertIn(b'<link rel="stylesheet" href="monitor.css">', body)
+            for name in ("monitor.js", "monitor.css"):
+                status, _, served = await self.get("/static/" + name)
+                self.assertEqual((status, served), (200, STATIC.child(name).getContent()))
 
         return Deferred.fromCoroutine(check())
 
@@ -158,13 +161,19 @@ class PageSourceTests(SynchronousTestCase):
         self.assertTrue(used)
         self.assertLessEqual(used, documented)
 
+    def test_monitor_calls_only_documented_routes(self) -> None:
+        source = STATIC.child("monitor.js").getContent().decode()
+        used = set(re.findall(r'"/([a-z-]+)[/?"]', source)) - {"static"}
+        documented = {path.split("/")[1] for path in openapi_document()["paths"]}
+        self.assertTrue({"all-status", "terminate-vm", "console", "release"} <= used, used)
+        self.assertLessEqual(used, documented)
+
     def test_monitor_script_parses(self) -> None:
         if NODE is None:
             self.skipTest("node is not installed")
         page = STATIC.child("monitor.html").getContent().decode()
-        scripts = re.findall(r"<script>(.*?)</script>", page, re.S)
-        self.assertEqual(len(scripts), 1)
-        script = FilePath(self.mktemp())
-        script.setContent(scripts[0].encode())
-        result = subprocess.run([NODE, "--check", script.path], capture_output=True, timeout=20)
+        self.assertEqual(re.findall(r"<script>(.*?)</script>", page, re.S), [])  # no inline script
+        result = subprocess.run(
+            [NODE, "--check", STATIC.child("monitor.js").path], capture_output=True, timeout=20
+        )
         self.assertEqual(result.returncode, 0, result.stderr.decode())
