@@ -17,12 +17,13 @@ import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from tests.console.support import wait_until
+from tests.console.test_screen import FakeVnc, conversation
 from tests.integration.conftest import free_port
 from tests.pool.fakes import World
 from tests.pool.test_service import HOME
@@ -43,7 +44,8 @@ WS = (
     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: binary\r\n"
 )
 BAD_KEY = WS.replace("dGhlIHNhbXBsZSBub25jZQ==", "short")
-EVIL = WS + "Origin: https://evil.example\r\n"
+EVIL_ORIGIN = "Origin: https://evil.example\r\n"
+EVIL = WS + EVIL_ORIGIN
 
 
 class StatusLine(Protocol):
@@ -92,9 +94,16 @@ class MountedRoutesDriftTests(TestCase):
         return token
 
     async def _set_up(self) -> None:
+        # a VNC server that gives one frame to whoever asks (screen.png's 200)
+        screen = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(lambda: FakeVnc(conversation(32, 20)))
+        )
+        self.addCleanup(screen.stopListening)
         self.world = w = World()
-        w.pool.set_pool_size(0, 8, 60_000)
+        w.pool.set_pool_size(0, 10, 60_000)
         w.settle()
+        self.shown = self._locked(w, audio=False, vnc_port=screen.getHost().port)
+        self.sessionless = self._locked(w, audio=False, vnc_password=None)
         self.sound = self._locked(w, audio=True)
         self.silent = self._locked(w, audio=False)
         self.blind = self._locked(w, audio=True, capabilities=("no-browser",))
@@ -108,7 +117,8 @@ class MountedRoutesDriftTests(TestCase):
         w.pool.lock(batch)  # takes the batch's READY VM
         self.waiting = w.pool.lock(batch)  # and this one waits (the pool is not let run again)
         self.vmid = {
-            name: w.pool.state.handles[getattr(self, name)].vmid for name in ("sound", "blind", "nowhere")
+            name: w.pool.state.handles[getattr(self, name)].vmid
+            for name in ("sound", "blind", "nowhere", "shown", "sessionless")
         }
         closed = free_port()  # the VMs' servers: nobody listens (a 101 still opens, then closes 4001)
         self.proxies = build_proxies(
@@ -178,6 +188,7 @@ class MountedRoutesDriftTests(TestCase):
             p, key, total = self.port, self.full["per-key"], self.full["total"]
             sound, vm = self.sound, self.vmid["sound"]
             admin = f"Authorization: Bearer {TOKEN}\r\n"
+            png = "/console/vm/{vmid}/screen.png"
             cases: list[tuple[str, int, str, str, str, int]] = [
                 # /console/{handle}
                 ("/console/{handle}", p, "GET", f"/console/{sound}", WS + f"Origin: {APP}\r\n", 101),
@@ -204,6 +215,17 @@ class MountedRoutesDriftTests(TestCase):
                 ("/console/vm/{vmid}", p, "GET", f"/console/vm/{vm}", admin, 426),
                 ("/console/vm/{vmid}", key, "GET", f"/console/vm/{vm}", admin + WS, 429),
                 ("/console/vm/{vmid}", p, "GET", f"/console/vm/{self.vmid['nowhere']}", admin + WS, 503),
+                # /console/vm/{vmid}/screen.png
+                (png, p, "GET", f"/console/vm/{self.vmid['shown']}/screen.png", admin, 200),
+                (png, p, "GET", f"/console/vm/{vm}/screen.png?width=0", admin, 400),
+                (png, p, "GET", f"/console/vm/{vm}/screen.png", "", 401),
+                (png, p, "GET", f"/console/vm/{vm}/screen.png", admin + EVIL_ORIGIN, 403),
+                (png, p, "GET", "/console/vm/no-such-vm/screen.png", admin, 404),
+                (png, p, "GET", f"/console/vm/{self.vmid['blind']}/screen.png", admin, 404),
+                (png, p, "POST", f"/console/vm/{vm}/screen.png", admin, 405),
+                (png, p, "GET", f"/console/vm/{self.vmid['sessionless']}/screen.png", admin, 409),
+                (png, p, "GET", f"/console/vm/{vm}/screen.png", admin, 502),
+                (png, p, "GET", f"/console/vm/{self.vmid['nowhere']}/screen.png", admin, 503),
                 # /audio/{handle}
                 ("/audio/{handle}", p, "GET", f"/audio/{sound}", WS, 101),
                 ("/audio/{handle}", p, "GET", f"/audio/{sound}?format=pcm", WS, 101),

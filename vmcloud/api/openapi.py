@@ -111,7 +111,13 @@ def _preflight(methods: str) -> dict[str, Any]:
 
 #: The paths served by the console and audio proxies (``vmcloud.console``, mounted under
 #: ``/console/`` and ``/audio/``) rather than by Klein routes of their own.
-MOUNTED_PATHS = ("/console/{handle}", "/console/vm/{vmid}", "/audio/{handle}", "/audio/{handle}.ogg")
+MOUNTED_PATHS = (
+    "/console/{handle}",
+    "/console/vm/{vmid}",
+    "/console/vm/{vmid}/screen.png",
+    "/audio/{handle}",
+    "/audio/{handle}.ogg",
+)
 
 _WS_HANDSHAKE = (
     " A WebSocket (RFC 6455, version 13): a GET with `Upgrade: websocket`, `Connection: Upgrade`, "
@@ -208,6 +214,51 @@ def _console_paths() -> dict[str, Any]:
                 parameters=[
                     _path_param("vmid", "A VM id of /all-status."),
                     _VIEW_ONLY,
+                    {
+                        "name": "token",
+                        "in": "query",
+                        "required": False,
+                        "description": "The admin token, for browsers (kept out of the access log).",
+                        "schema": {"type": "string"},
+                    },
+                ],
+            )
+        },
+        "/console/vm/{vmid}/screen.png": {
+            "get": _operation(
+                "A still of a VM's screen as a PNG (the monitor's thumbnails): the controller logs in to the "
+                "VM's VNC server with the session password, takes one full frame and scales it down to "
+                "`width` (never up). Only READY and OCCUPIED VMs have a session. At most 4 captures run at "
+                "once and 16 wait; each has 5 s. The admin token as for /console/vm/{vmid} (header, "
+                "`?token=` or the cookie `vmcloud_token`).",
+                {
+                    "200": {
+                        "description": "The screen; `X-Screen-Size` says the VM's own size (`1280x800`).",
+                        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                    },
+                    **_refusals(
+                        _400="`width` is not a whole number from 16 to 1920 (code bad-width).",
+                        _401="No admin token while one is configured (code unauthorized).",
+                        _403=_ORIGIN,
+                        _404="No live VM of that id (unknown-vm), or its guest has no VNC server (no-vnc).",
+                        _405=_METHOD,
+                        _409="No screen session now: the VM is neither READY nor OCCUPIED (no-session).",
+                        _502="The VM's VNC server cannot be reached (vnc-unreachable) or refused the session "
+                        "or spoke what a capture cannot follow (vnc-error).",
+                        _503="No frame within 5 s (vnc-timeout), or 4 captures run and 16 wait "
+                        "(too-many-captures; see Retry-After), or " + _ADDRESS,
+                    ),
+                },
+                admin=True,
+                parameters=[
+                    _path_param("vmid", "A VM id of /all-status."),
+                    {
+                        "name": "width",
+                        "in": "query",
+                        "required": False,
+                        "description": "The picture's width in pixels (default 320; at most the screen's).",
+                        "schema": {"type": "integer", "minimum": 16, "maximum": 1920},
+                    },
                     {
                         "name": "token",
                         "in": "query",
