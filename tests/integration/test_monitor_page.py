@@ -139,9 +139,29 @@ class MonitorFollowsThePoolTests(_BrowserCase):
             assert "400" in error and "min" in error, error
             # the token's error of the start stays too, until dismissed
             assert await tab.js("document.querySelectorAll('.msg.error').length") == 2
+            # a handle's events, as they come
+            identity = w.pool.state.vms[w.pool.state.handles[handle].vmid or ""].identity or ""
+            page = {"action": "page-load", "url": "https://example.com/first", "title": "First", "tab": "t1"}
+            w.pool.guest_event(identity, page)
+            handle_row = f"#handles tr[data-key={json.dumps(handle)}]"
+            await tab.js(f"document.querySelector('{handle_row} [data-action=events]').click()")
+            await self.until(
+                tab, f"{_text('#events-list td.wrap')}.includes('https://example.com/first')", "the event"
+            )
+            w.pool.guest_event(identity, dict(page, url="https://example.com/second", title="Second"))
+            await self.until(
+                tab, f"{_text('#events-list td.wrap')}[0] === 'https://example.com/second'", "the next event"
+            )
+            await tab.js("document.querySelector('#events [data-close]').click()")
+            # release from the handle's row; the error above stays through the updates it brings
             updates = await tab.js("monitor.updates")
-            w.pool.release(handle)
-            w.settle()
+            release = f"document.querySelector('{handle_row} [data-action=release]')"
+            await tab.js(f"window.confirm = () => true; {release}.click()")
+            await self.until(
+                tab, f"{_text('.msg.ok .text')}.some(t => t.startsWith('release handle'))", "released"
+            )
+            assert handle not in w.pool.state.handles
+            w.settle()  # the pool's pass (on the test's clock) notices the change
             await self.until(tab, f"monitor.updates > {updates}", "a later update")
             await self.until(
                 tab,
