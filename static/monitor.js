@@ -87,7 +87,12 @@
     }
     if (options.as === "blob") return response.blob();
     if (response.status === 204 || response.status === 202) return null;
-    return type.indexOf("application/json") === 0 ? response.json() : response.text();
+    if (type.indexOf("application/json") !== 0) return response.text();
+    const body = await response.text();
+    const parsing = performance.now();
+    const parsed = JSON.parse(body);
+    if (options.timed) monitor.parseMs = performance.now() - parsing;
+    return parsed;
   }
 
   function seg(value) { return encodeURIComponent(String(value)); }
@@ -562,7 +567,9 @@
     const patched = performance.now();
     void document.body.offsetHeight; // the layout this update costs, counted here and not hidden in the next frame
     const laidOut = performance.now();
-    monitor.timings.push({ version: s.version, vms: vms.length, update: patched - started, total: laidOut - started });
+    monitor.timings.push({ version: s.version, vms: vms.length, update: patched - started, total: laidOut - started,
+      parse: monitor.parseMs });
+    monitor.parseMs = null; // a redraw from memory (sort, filter, page) parsed nothing
     if (monitor.timings.length > 200) monitor.timings.shift();
     thumbs.schedule();
   }
@@ -751,7 +758,7 @@
         const asked = Date.now();
         controller = new AbortController();
         try {
-          const s = await api("GET", path, { signal: controller.signal });
+          const s = await api("GET", path, { signal: controller.signal, timed: true });
           if (stopped) return;
           if (wasDown) {
             say("ok", "in contact with the controller again");
