@@ -28,7 +28,6 @@ from vmcloud.threads import Threads
 START_ORDER = [
     "vmcloud-cloud",
     "vmcloud-checkpoint",
-    "memory-trim",
     "broker-listener",
     "guest-channel",
     "local-driver",

@@ -1,10 +1,10 @@
-"""The daemon's memory habits: the allocator settings take, and collection pauses nest and end."""
+"""The daemon's memory policy: the allocator settings take, survivors freeze and thaw, one switch."""
 
 from __future__ import annotations
 
 import gc
-import threading
 
+from twisted.application.service import MultiService
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -12,54 +12,11 @@ from vmcloud import memory
 from vmcloud.memory import FreezeSurvivors
 
 
-class CollectionPausedTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.addCleanup(gc.enable if gc.isenabled() else gc.disable)
-        gc.enable()
-
-    def test_nested_pauses_end_with_the_outermost(self) -> None:
-        with memory.collection_paused():
-            self.assertFalse(gc.isenabled())
-            with memory.collection_paused():
-                self.assertFalse(gc.isenabled())
-            self.assertFalse(gc.isenabled())
-        self.assertTrue(gc.isenabled())
-
-    def test_pauses_in_two_threads_overlap(self) -> None:
-        inside, leave = threading.Event(), threading.Event()
-
-        def other() -> None:
-            with memory.collection_paused():
-                inside.set()
-                leave.wait(10)
-
-        thread = threading.Thread(target=other)
-        with memory.collection_paused():
-            thread.start()
-            inside.wait(10)
-        self.assertFalse(gc.isenabled())  # the other thread is still inside its block
-        leave.set()
-        thread.join(10)
-        self.assertTrue(gc.isenabled())
-
-    def test_a_collector_that_was_off_stays_off(self) -> None:
-        gc.disable()
-        with memory.collection_paused():
-            pass
-        self.assertFalse(gc.isenabled())
-
-    def test_an_exception_ends_the_pause(self) -> None:
-        with self.assertRaises(ValueError), memory.collection_paused():
-            raise ValueError("boom")
-        self.assertTrue(gc.isenabled())
-
-
 class AllocatorTests(SynchronousTestCase):
-    def test_glibc_takes_the_settings_and_trims(self) -> None:
-        if memory._LIBC is None:
+    def test_glibc_takes_the_settings(self) -> None:
+        if memory._libc() is None:
             raise self.skipTest("not glibc")
         self.assertTrue(memory.tune_allocator())
-        self.assertIsInstance(memory.trim(), bool)
 
 
 class _Reactor(Clock):
@@ -78,7 +35,7 @@ class FreezeSurvivorsTests(SynchronousTestCase):
         self.addCleanup(lambda: self.service.running and self.service.stopService())
 
     def test_survivors_of_a_full_collection_are_frozen(self) -> None:
-        kept = [[] for _ in range(100)]
+        kept: list[list[int]] = [[] for _ in range(100)]
         gc.collect(1)
         self.assertEqual(self.service.freezes, 0)  # young collections freeze nothing
         gc.collect()
@@ -113,4 +70,22 @@ class FreezeSurvivorsTests(SynchronousTestCase):
     def test_full_collections_come_more_often_while_it_runs(self) -> None:
         self.assertEqual(gc.get_threshold()[2], 2)
         self.service.stopService()
+        self.assertEqual(gc.get_threshold()[2], 10)
+
+
+class ApplyPolicyTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.addCleanup(gc.unfreeze)
+        self.daemon = MultiService()
+        memory.apply_policy(_Reactor(), self.daemon)
+        self.addCleanup(lambda: self.daemon.running and self.daemon.stopService())
+
+    def test_one_switch_puts_the_policy_under_the_daemon(self) -> None:
+        [policy] = list(self.daemon)
+        self.assertIsInstance(policy, FreezeSurvivors)
+        gc.unfreeze()
+        self.daemon.startService()
+        self.assertGreater(gc.get_freeze_count(), 0)  # what was built before the start
+        self.assertEqual(gc.get_threshold()[2], 2)
+        self.daemon.stopService()
         self.assertEqual(gc.get_threshold()[2], 10)

@@ -8,7 +8,7 @@ reactor: ``vmcloud/tap.py`` does, and hands them in, so a test builds the same t
 
 Start order (the root's children):
 
-1. thread pools (cloud calls, checkpoint writes) and the memory trim,
+1. thread pools (cloud calls, checkpoint writes),
 2. the broker (embedded listener, or a client session to an external one), then the guest channel,
 3. the cloud driver (the local driver's start and stop steps; the Nova driver has none),
 4. the pool (restores the checkpoint, reconciles),
@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import strports
-from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -37,7 +36,6 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from twisted.web.resource import IResource
 
-from vmcloud import memory
 from vmcloud.api.accesslog import redacted_log_formatter
 from vmcloud.api.metrics import Metrics
 from vmcloud.api.site import ApiSite
@@ -53,9 +51,6 @@ if TYPE_CHECKING:
     from vmcloud.pool.service import PoolService
 
 log = Logger()
-
-#: Seconds between two returns of free heap pages to the system (:func:`vmcloud.memory.trim`).
-TRIM_INTERVAL = 30.0
 
 
 @attrs.frozen
@@ -136,7 +131,6 @@ def build_controller(reactor: Any, deployment: Deployment, threads: ThreadsFacto
 
     cloud_threads = add_threads(room, make_threads("vmcloud-cloud", config.pool.cloud_threads))
     store_threads = add_threads(room, make_threads("vmcloud-checkpoint", 1))
-    add_memory_trim(room, store_threads)
     store = build_store(reactor, state_dir, store_threads, timings=metrics)
     channel, broker = add_broker_and_channel(room, deployment)
     if broker is not None:
@@ -161,15 +155,6 @@ def add_threads(room: Room, threads: Threads) -> Threads:
     """A thread pool of the daemon's own, started first and stopped last."""
     threads.setServiceParent(room.root)
     return threads
-
-
-def add_memory_trim(room: Room, threads: Threads) -> None:
-    """Free pages inside glibc's heaps go back to the system every :data:`TRIM_INTERVAL` seconds;
-    off the reactor (no GIL held); a no-op without glibc."""
-    trimming = TimerService(TRIM_INTERVAL, lambda: threads.dispatch(memory.trim))
-    trimming.setName("memory-trim")
-    trimming.clock = room.reactor
-    trimming.setServiceParent(room.root)
 
 
 def build_store(

@@ -9,7 +9,6 @@ the service tree room by room (see :mod:`vmcloud.compose` for the order).
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Mapping
 
@@ -78,7 +77,6 @@ def makeService(options: Options) -> IService:  # noqa: N802 - twistd's name
     from twisted.internet import reactor
 
     _raise_file_limit()
-    memory.tune_allocator()  # before the thread pools start: arenas already made stay
     from vmcloud.drivers.claims import HostInUse
 
     deployment = options.deployment
@@ -87,11 +85,7 @@ def makeService(options: Options) -> IService:  # noqa: N802 - twistd's name
         service = build_controller(reactor, deployment)
     except HostInUse as e:  # another daemon runs on this state dir: nothing was started
         raise SystemExit(f"vmcloud: refusing to start: {e}") from None
-    # Everything built so far lives as long as the daemon: keep it out of the garbage collector's
-    # generations, so collections stay short (they showed as millisecond stalls in the broker's p99);
-    # from then on, the survivors of every full collection likewise.
-    reactor.callWhenRunning(gc.freeze)
-    memory.FreezeSurvivors(reactor).setServiceParent(service)
+    memory.apply_policy(reactor, service)  # the allocator and the garbage collector
     return service
 
 

@@ -33,7 +33,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from vmcloud.memory import collection_paused
 from vmcloud.pool.interfaces import (
     ACTIVE,
     BUILD,
@@ -468,13 +467,10 @@ class NovaDriver:
             seen: set[str] = set()
             marker: str | None = None
             while True:
-                # parsed, copied into our records and dropped together: collected young, these
-                # objects would only be promoted and set off a full collection
-                with collection_paused():
-                    page = servers.list(search_opts=search, marker=marker, limit=None)
-                    # _info is the body as parsed; to_dict() would deep-copy all of it first
-                    statuses = [server_status(server._info) for server in page]
-                    del page
+                page = servers.list(search_opts=search, marker=marker, limit=None)
+                # _info is the body as parsed; to_dict() would deep-copy all of it first
+                statuses = [server_status(server._info) for server in page]
+                del page
                 if not statuses:
                     break
                 if all(status.server_id in seen for status in statuses):
