@@ -131,13 +131,13 @@ case "$os" in
     "debian 12" | "ubuntu 24.04") say "target: $os at $ROOT" ;;
     *) die "target is '$os'; only Debian 12 and Ubuntu 24.04 are supported" ;;
 esac
+DEBIAN_CHROMIUM=
 if [ "$os" = "ubuntu 24.04" ]; then
-    # Ubuntu packages Chromium as a snap only (its deb installs the snap), which cannot be installed
-    # into an image from here nor driven from /usr/lib/chromium like the agent does.
-    [ -x "$ROOT/usr/lib/chromium/chromium" ] || [ -x "$ROOT/usr/lib/chromium-browser/chromium-browser" ] ||
-        die "Ubuntu 24.04 ships Chromium as a snap only, which the agent cannot drive; install a .deb build \
-of Chromium into the image (/usr/lib/chromium/chromium) first, or build the guest from Debian 12"
-    GUEST_PACKAGES=("${GUEST_PACKAGES[@]/chromium/}")
+    if [ -x "$ROOT/usr/lib/chromium/chromium" ] || [ -x "$ROOT/usr/lib/chromium-browser/chromium-browser" ]; then
+        GUEST_PACKAGES=("${GUEST_PACKAGES[@]/chromium/}")  # a .deb build is there already: keep it
+    else
+        DEBIAN_CHROMIUM=1
+    fi
 fi
 
 if [ "$ROOT" != / ]; then
@@ -174,6 +174,43 @@ if [ -n "$PIP_CACHE" ]; then
 fi
 
 # ---------------------------------------------------------------- packages
+if [ -n "$DEBIAN_CHROMIUM" ]; then
+    # Ubuntu 24.04 packages Chromium as a snap only (its chromium-browser installs the snap), which
+    # cannot go into an image from here and is not where the agent looks (/usr/lib/chromium).  Debian
+    # 12's chromium installs on it: from deb.debian.org (bookworm and its security updates), pinned so
+    # that nothing else comes from Debian but the three libraries Ubuntu 24.04 lacks.
+    say "Ubuntu 24.04 has Chromium as a snap only: taking Debian 12's chromium package, pinned"
+    export DEBIAN_FRONTEND=noninteractive
+    if [ ! -f "$ROOT/usr/share/keyrings/debian-archive-keyring.gpg" ]; then
+        in_root apt-get update -qq
+        in_root apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0 debian-archive-keyring >/dev/null
+    fi
+    cat >"$ROOT/etc/apt/sources.list.d/vmcloud-debian-chromium.sources" <<'EOF'
+# Written by vmcloud's scripts/guest-image.sh: Debian 12's Chromium (Ubuntu 24.04 has a snap only).
+# /etc/apt/preferences.d/vmcloud-debian-chromium keeps everything else from coming from here.
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+    cat >"$ROOT/etc/apt/preferences.d/vmcloud-debian-chromium" <<'EOF'
+# Written by vmcloud's scripts/guest-image.sh: from Debian, only Chromium and what Ubuntu 24.04 lacks.
+Package: *
+Pin: release o=Debian
+Pin-Priority: -1
+
+Package: chromium chromium-common chromium-sandbox libdav1d6 libjpeg62-turbo libminizip1
+Pin: release o=Debian
+Pin-Priority: 500
+EOF
+fi
 missing=()
 for package in "${GUEST_PACKAGES[@]}"; do
     [ -n "$package" ] || continue
