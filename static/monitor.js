@@ -714,6 +714,7 @@
   const connNode = $("conn");
   let longPolls = true; // until a controller refuses ?since=
   let lastAnswerAt = 0;
+  let lastChangeAt = 0;
   let stopFollowing = null;
 
   function setMode(mode, detail) {
@@ -725,11 +726,13 @@
     document.body.classList.toggle("stale", mode === "offline" || mode === "unauthorized");
   }
 
+  /** How fresh the view is: in a long poll, since the last change (no answer means no change). */
   function showUpdated() {
     if (!lastAnswerAt) return;
-    const s = Math.round((Date.now() - lastAnswerAt) / 1000);
+    const live = monitor.mode === "live";
+    const s = Math.round((Date.now() - (live ? lastChangeAt : lastAnswerAt)) / 1000);
     setText($("updated"), (monitor.version !== null ? "v" + monitor.version + " · " : "") +
-      (s < 2 ? "just now" : "answered " + s + " s ago"));
+      (live ? "changed " : "answered ") + (s < 2 ? "just now" : s < 120 ? s + " s ago" : Math.round(s / 60) + " min ago"));
   }
 
   function take(s) {
@@ -739,6 +742,7 @@
     monitor.status = s;
     monitor.version = s.version === undefined ? null : s.version;
     if (moved) {
+      lastChangeAt = lastAnswerAt;
       monitor.updates += 1;
       draw(s);
     }
