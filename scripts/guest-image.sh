@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Turns a Debian 12 or Ubuntu 24.04 system into a vmcloud guest (a browser VM the Nova driver boots):
 #   - the browser stack the agent drives (Chromium, TigerVNC's Xvnc, PulseAudio, ffmpeg, fonts),
-#     cloud-init (it fetches the user-data the controller writes) and nftables;
+#     cloud-init (it fetches the user-data the controller writes) and nftables; on Ubuntu 24.04, whose
+#     Chromium is a snap, Debian 12's chromium package (pinned: nothing else of Debian's but three
+#     libraries Ubuntu lacks);
 #   - the guest agent in a venv, /opt/vmcloud/.venv, from this checkout's wheel, with only the
 #     libraries the agent imports (GUEST_REQUIREMENTS below; the controller's are left out);
 #   - etc/vmcloud-guest.service (as shipped in the wheel), with a drop-in that starts it after
