@@ -4,6 +4,8 @@
   a WebSocket relayed to the VM's VNC server, for noVNC;
 * :mod:`~vmcloud.console.audio`: ``/audio/{handle}`` (WebSocket: Opus packets, or PCM) and
   ``/audio/{handle}.ogg`` (live Ogg/Opus over HTTP), one capture per handle fanned out;
+* :mod:`~vmcloud.console.screen`: ``/console/vm/{vmid}/screen.png``, a still of a VM's screen for
+  the operator's monitor (one short RFB conversation of the controller's own, scaled, PNG);
 * :mod:`~vmcloud.console.rfb` and :mod:`~vmcloud.console.ogg`: the sans-IO parts (the view-only
   RFB filter, the Ogg page reader);
 * :mod:`~vmcloud.console.targets`, :mod:`~vmcloud.console.gate`, :mod:`~vmcloud.console.registry`:
