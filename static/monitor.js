@@ -381,11 +381,12 @@
             td.replaceChildren(timeNode(ms));
           }
         } else {
-          const value = column.text ? column.text(row) : text(column.value(row));
-          if (entry.sigs[i] !== value) {
-            entry.sigs[i] = value;
+          const full = text(column.value(row));
+          const value = column.text ? column.text(row) : full;
+          if (entry.sigs[i] !== full + "\n" + value) {
+            entry.sigs[i] = full + "\n" + value;
             td.textContent = value;
-            td.title = value.length > 24 ? value : "";
+            td.title = full.length > 24 || full !== value ? full : ""; // the whole text, where cut
           }
         }
       }
