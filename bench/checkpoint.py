@@ -51,9 +51,8 @@ from vmcloud.store.checkpoint import (
     RealFileOps,
     decode_checkpoint,
     encode_checkpoint,
-    synchronous_dispatch,
-    thread_dispatcher,
 )
+from vmcloud.threads import synchronous_dispatch, thread_dispatcher
 
 NOW = 1_760_000_000.0
 

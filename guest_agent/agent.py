@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -29,6 +28,7 @@ from guest_agent.browser import IBrowser
 from guest_agent.commands import CommandRunner
 from guest_agent.files import FileRefused, FileStore
 from vmcloud.stomp.frame import Frame
+from vmcloud.threads import Dispatch, synchronous_dispatch
 from vmcloud.words.browser import PageLoad
 from vmcloud.words.contexts import CommandOutcome, CommandRequest, IAgentContext, PrepareRequest, StoredFile
 from vmcloud.words.destinations import BROADCAST, CONTROLLER, guest_destination
@@ -58,11 +58,6 @@ class AgentSession(Protocol):
     def unsubscribe(self, subscription_id: str) -> None: ...
 
 
-def run_here(function: Callable[[], T]) -> Deferred[T]:
-    """A dispatcher that runs blocking work on the spot (tests; tiny files)."""
-    return maybeDeferred(function)
-
-
 @implementer(IAgentContext)
 class GuestAgent(Service):
     """One guest: its identity, its words, its beacon.
@@ -88,7 +83,7 @@ class GuestAgent(Service):
         browser: IBrowser,
         workdir: str,
         beacon_interval: float,
-        dispatch: Callable[[Callable[[], Any]], Deferred[Any]] = run_here,
+        dispatch: Dispatch = synchronous_dispatch,
     ) -> None:
         guest_destination(identity)  # validates
         if beacon_interval <= 0:

@@ -16,17 +16,13 @@ import os
 import pwd
 import socket
 import tempfile
-from collections.abc import Callable
 from importlib import metadata
 from typing import Any, TypeVar
 
-from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
+from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.filepath import FilePath
-from twisted.python.threadpool import ThreadPool
 
 from guest_agent.agent import GuestAgent
 from guest_agent.browser import IBrowser, NoBrowser
@@ -44,6 +40,7 @@ from guest_agent.stack import (
 )
 from vmcloud.service import SequentialMultiService
 from vmcloud.stomp.client import ReconnectingSession
+from vmcloud.threads import ThreadPoolService
 from vmcloud.words.files import MAX_FILE_BYTES
 
 T = TypeVar("T")
@@ -133,27 +130,6 @@ class Options(usage.Options):
             return FilePath(path).getContent()
         except OSError as e:
             raise usage.UsageError(f"cannot read user-data {path}: {e.strerror}") from None
-
-
-class FileThreads(Service):
-    """A small thread pool of its own for file I/O (fsync of a FILE_PUT must not block the reactor)."""
-
-    name = "file-threads"
-
-    def __init__(self, reactor: Any, size: int = 2) -> None:
-        self._reactor = reactor
-        self.pool = ThreadPool(minthreads=0, maxthreads=size, name="vmcloud-guest-files")
-
-    def dispatch(self, function: Callable[[], T]) -> Deferred[T]:
-        return deferToThreadPool(self._reactor, self.pool, function)
-
-    def startService(self) -> None:  # noqa: N802 - Twisted's name
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted's name
-        super().stopService()
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.pool.stop)
 
 
 def make_browser(reactor: Any, config: GuestConfig, ip: str | None) -> IBrowser:
@@ -258,7 +234,8 @@ def build_agent(
     """
     assert config.broker is not None and config.identity is not None
     root = SequentialMultiService()
-    threads = FileThreads(reactor)
+    # fsync of a FILE_PUT must not block the reactor
+    threads = ThreadPoolService(reactor, "vmcloud-guest-files", 2)
     threads.setServiceParent(root)
     session = ReconnectingSession(
         reactor,

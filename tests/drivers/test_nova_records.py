@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from keystoneauth1 import exceptions as ks
 from novaclient import exceptions as nova
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -29,6 +29,7 @@ from vmcloud.pool.interfaces import (
     QuotaExceeded,
     RateLimited,
 )
+from vmcloud.threads import synchronous_dispatch
 
 
 def body(**changes: object) -> dict[str, object]:
@@ -188,7 +189,7 @@ class UnexpectedErrorTests(SynchronousTestCase):
             flavor="1",
         )
         driver = _DriverWithBrokenClient(
-            config, prefix="p-", dispatch=lambda fn: maybeDeferred(fn), clock=Clock(), controller_name="c"
+            config, prefix="p-", dispatch=synchronous_dispatch, clock=Clock(), controller_name="c"
         )
         failure = self.failureResultOf(Deferred.fromCoroutine(driver.list_servers()), CloudUnavailable)
         self.assertIn("unexpected KeyError", str(failure.value))

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.import_graph import imports, modules
 
 #: What the guest may import of ``vmcloud``: a name or a package of names.
-ALLOWED = ("vmcloud.words", "vmcloud.stomp", "vmcloud.service", "vmcloud.boundedjson")
+ALLOWED = ("vmcloud.words", "vmcloud.stomp", "vmcloud.service", "vmcloud.threads", "vmcloud.boundedjson")
 
 
 def allowed(name: str) -> bool:

@@ -13,7 +13,8 @@ from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 
 from vmcloud.pool.snapshot import EncodedRecord
-from vmcloud.store.checkpoint import CheckpointStore, synchronous_dispatch
+from vmcloud.store.checkpoint import CheckpointStore
+from vmcloud.threads import synchronous_dispatch
 
 
 def main(directory: str, generations: int) -> None:

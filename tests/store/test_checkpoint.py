@@ -27,8 +27,8 @@ from vmcloud.store.checkpoint import (
     CorruptCheckpointError,
     decode_checkpoint,
     encode_checkpoint,
-    synchronous_dispatch,
 )
+from vmcloud.threads import synchronous_dispatch
 
 T0 = 1_760_000_000.0
 

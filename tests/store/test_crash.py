@@ -36,8 +36,8 @@ from vmcloud.store.checkpoint import (
     FileOps,
     RealFileOps,
     decode_checkpoint,
-    synchronous_dispatch,
 )
+from vmcloud.threads import synchronous_dispatch
 
 OLD = {"vms": [{"vmid": f"{i:04d}", "state": "FREE"} for i in range(200)], "generation": "old"}
 NEW = {"vms": [{"vmid": f"{i:04d}", "state": "READY"} for i in range(300)], "generation": "new"}

@@ -25,8 +25,8 @@ import re
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -48,17 +48,12 @@ from vmcloud.pool.interfaces import (
     RateLimited,
     ServerStatus,
 )
+from vmcloud.threads import Dispatch
 from vmcloud.timings import NO_TIMINGS, NOVA_CALL, OK, ITimings
 
 log = Logger()
 
 T = TypeVar("T")
-
-
-class Dispatch(Protocol):
-    """Runs a blocking callable off the reactor thread and gives its result back on it."""
-
-    def __call__(self, fn: Callable[[], T], /) -> Awaitable[T]: ...
 
 
 class NovaConfigError(ValueError):
@@ -367,8 +362,9 @@ class NovaDriver:
     """:class:`~vmcloud.pool.interfaces.ICloudDriver` for OpenStack Nova.
 
     ``dispatch`` runs one blocking callable per cloud call off the reactor thread (production:
-    ``ThreadPoolService.dispatch``); ``clock`` stamps :meth:`health`; ``controller_name`` is written
-    into every server's metadata (``vmcloud-controller``) so a reaped stray says who made it.
+    :meth:`vmcloud.threads.ThreadPoolService.dispatch`); ``clock`` stamps :meth:`health`;
+    ``controller_name`` is written into every server's metadata (``vmcloud-controller``) so a
+    reaped stray says who made it.
     """
 
     name = "nova"

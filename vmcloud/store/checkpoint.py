@@ -38,24 +38,23 @@ import json
 import operator
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import suppress
 from datetime import UTC, datetime
 from itertools import repeat
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from vmcloud.pool.interfaces import ICheckpointStore
 from vmcloud.pool.snapshot import EncodedRecord, encode_json
+from vmcloud.threads import Dispatch
 from vmcloud.timings import CHECKPOINT_WRITE, NO_TIMINGS, ITimings
 
 SCHEMA_VERSION = 1
@@ -64,31 +63,6 @@ SCHEMA_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.json"
 TEMP_SUFFIX = ".tmp"
 CORRUPT_INFIX = ".corrupt-"
-
-_T = TypeVar("_T")
-
-
-class Dispatch(Protocol):
-    """Runs ``work`` somewhere other than the reactor thread; the Deferred fires on the reactor."""
-
-    def __call__(self, work: Callable[[], _T], /) -> Deferred[_T]: ...
-
-
-def thread_dispatcher(reactor: IReactorFromThreads, pool: ThreadPool) -> Dispatch:
-    """The production dispatcher: ``work`` runs in ``pool`` (a dedicated, started thread pool)."""
-
-    def dispatch(work: Callable[[], _T], /) -> Deferred[_T]:
-        return deferToThreadPool(reactor, pool, work)
-
-    return dispatch
-
-
-def synchronous_dispatch(work: Callable[[], _T], /) -> Deferred[_T]:
-    """Run ``work`` right now on the calling thread; for tests and tools that have no threads."""
-    try:
-        return succeed(work())
-    except Exception:
-        return fail(Failure())
 
 
 class CheckpointUnreadableError(Exception):
@@ -327,7 +301,7 @@ class _Written:
 class CheckpointStore:
     """Keeps the pool's checkpoint in ``<state dir>/checkpoint.json``.
 
-    ``dispatch`` runs a write off the reactor thread (see :func:`thread_dispatcher`); ``clock``
+    ``dispatch`` runs a write off the reactor thread (see :mod:`vmcloud.threads`); ``clock``
     stamps checkpoints, names corrupt files and times retries; ``files`` performs the file
     operations of a write; ``timings`` is told how long each good write took.
 
@@ -644,11 +618,8 @@ __all__ = [
     "CheckpointStore",
     "CheckpointUnreadableError",
     "CorruptCheckpointError",
-    "Dispatch",
     "FileOps",
     "RealFileOps",
     "decode_checkpoint",
     "encode_checkpoint",
-    "synchronous_dispatch",
-    "thread_dispatcher",
 ]
