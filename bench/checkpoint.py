@@ -176,6 +176,14 @@ def pool_figures(state: PoolState, runs: int) -> None:
         "snapshot() after 1 new event on a handle",
         measure(lambda: writer.snapshot(state), runs, lambda: state.add_event(next(tokens), page, NOW)),
     )
+    busy = next(tokens)
+    for _ in range(state.events_limit):
+        state.add_event(busy, page, NOW)
+    writer.snapshot(state)
+    report(
+        f"... on a handle with a full log ({state.events_limit:,} events)",
+        measure(lambda: writer.snapshot(state), runs, lambda: state.add_event(busy, page, NOW)),
+    )
 
 
 def offline_figures(state: PoolState, directory: FilePath[str], runs: int) -> None:
