@@ -78,7 +78,7 @@ class Message:
     hottest path.  Treat it as immutable; :meth:`redelivery` makes the redelivered copy.
     """
 
-    __slots__ = ("body", "destination", "headers", "message_id", "redelivered", "size", "wire")
+    __slots__ = ("body", "destination", "headers", "message_id", "redelivered", "size")
 
     def __init__(
         self,
@@ -88,7 +88,6 @@ class Message:
         body: bytes,
         size: int,
         redelivered: bool = False,
-        wire: dict[str, bytes | None] | None = None,
     ) -> None:
         self.message_id = message_id
         self.destination = destination
@@ -98,13 +97,10 @@ class Message:
         #: accounting size in bytes
         self.size = size
         self.redelivered = redelivered
-        #: what wire protocols cache per STOMP version (the encoded user headers), shared with
-        #: the redelivered copy; filled and read by :class:`IBrokerClient` implementations
-        self.wire: dict[str, bytes | None] = {} if wire is None else wire
 
     def redelivery(self) -> Message:
         """The same message, marked ``redelivered``."""
-        return Message(self.message_id, self.destination, self.headers, self.body, self.size, True, self.wire)
+        return Message(self.message_id, self.destination, self.headers, self.body, self.size, True)
 
     def __repr__(self) -> str:
         return f"Message({self.message_id!r}, {self.destination!r}, redelivered={self.redelivered})"
