@@ -7,12 +7,11 @@ from collections.abc import Sequence
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass
 
 from vmcloud.drivers.local import LocalDriver
-from vmcloud.drivers.localfiles import VmRecord, user_data_ini
+from vmcloud.drivers.localfiles import VmRecord
 from vmcloud.drivers.netns import (
     IFNAME_MAX,
     CommandResult,
@@ -20,7 +19,16 @@ from vmcloud.drivers.netns import (
     NetnsLayout,
     NetworkCommandError,
 )
-from vmcloud.pool.interfaces import ACTIVE, DELETING, ERROR, BootRequest, GuestCredentials, ICloudDriver
+from vmcloud.drivers.userdata import render_user_data
+from vmcloud.pool.interfaces import (
+    ACTIVE,
+    DELETING,
+    ERROR,
+    BadCloudRequest,
+    BootRequest,
+    GuestCredentials,
+    ICloudDriver,
+)
 
 
 def layout(
@@ -206,13 +214,24 @@ class UserDataTests(SynchronousTestCase):
             vmid="9",
             name="vmcloud-vm-9",
             metadata={},
-            credentials=GuestCredentials(broker="x", login="vm-9", passcode="p%w;d#1"),
+            credentials=GuestCredentials(broker="x", login="vm-9", passcode="p%w-d_1"),
         )
-        raw = user_data_ini(request, "tcp:10.251.0.1:61613", FilePath("/srv/vm/work"))
-        config = parse_guest_config({}, None, raw)
+        raw = render_user_data(request.credentials, broker="tcp:10.251.0.1:61613", workdir="/srv/my vm/work")
+        config = parse_guest_config({}, None, raw.encode())
         self.assertEqual(
             (config.broker, config.login, config.passcode, config.workdir, config.browser),
-            ("tcp:10.251.0.1:61613", "vm-9", "p%w;d#1", "/srv/vm/work", "auto"),
+            ("tcp:10.251.0.1:61613", "vm-9", "p%w-d_1", "/srv/my vm/work", "auto"),
         )
-        without = user_data_ini(request, "tcp:10.251.0.1:61613", FilePath("/srv/vm/work"), browser="none")
-        self.assertEqual(parse_guest_config({}, None, without).browser, "none")  # [local] browser = none
+        without = render_user_data(
+            request.credentials, broker="tcp:10.251.0.1:61613", workdir="/w", browser="none"
+        )
+        self.assertEqual(
+            parse_guest_config({}, None, without.encode()).browser, "none"
+        )  # [local] browser = none
+
+    def test_a_workdir_the_agent_would_read_otherwise_is_refused(self) -> None:
+        """A state dir whose path holds " ;" or " #" would reach the agent cut at the comment."""
+        credentials = GuestCredentials(broker="x", login="vm-9", passcode="pw")
+        for workdir in ("/srv/a ;b/work", "/srv/a #b/work", "/srv/work "):
+            with self.subTest(workdir), self.assertRaisesRegex(BadCloudRequest, "guest workdir"):
+                render_user_data(credentials, broker="tcp:10.251.0.1:61613", workdir=workdir)

@@ -14,10 +14,10 @@ from vmcloud.drivers.nova import (
     NovaConfig,
     NovaDriver,
     UnexpectedCloudError,
-    render_user_data,
     server_status,
     translate,
 )
+from vmcloud.drivers.userdata import render_user_data
 from vmcloud.pool.interfaces import (
     ACTIVE,
     BUILD,

@@ -16,8 +16,6 @@ it knows nothing of processes or networks.
 
 from __future__ import annotations
 
-import configparser
-import io
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -27,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
 from vmcloud.drivers.netns import VmNetwork
+from vmcloud.drivers.userdata import render_user_data
 from vmcloud.pool.interfaces import ACTIVE, DELETING, ERROR, BootRequest, ServerStatus
 
 log = Logger()
@@ -152,7 +151,10 @@ class VmFiles:
         workdir = vm_dir.child(WORK_DIR)
         workdir.makedirs()
         path = vm_dir.child(USER_DATA_FILE)
-        _write_private(path, user_data_ini(request, broker, workdir, browser))
+        user_data = render_user_data(
+            request.credentials, broker=broker, workdir=workdir.path, browser=browser
+        )
+        _write_private(path, user_data.encode("utf-8"))
         return path
 
     def remove_vm_dir(self, server_id: str) -> None:
@@ -191,29 +193,6 @@ class VmFiles:
 
     def _record_path(self, server_id: str) -> FilePath[str]:
         return self.root.child(server_id + ".json")
-
-
-def user_data_ini(request: BootRequest, broker: str, workdir: FilePath[str], browser: str = "auto") -> bytes:
-    """The ``[agent]`` INI section a Nova guest would receive as user-data (see guest_agent/config.py).
-
-    On top of what Nova guests get, ``workdir``: local VMs share one filesystem, so each needs
-    its own directory for the files and commands of its agent; and ``browser`` when the operator
-    wants agents without one.
-    """
-    ini = configparser.ConfigParser(interpolation=None)
-    ini["agent"] = {
-        "broker": broker,
-        "login": request.credentials.login,
-        "passcode": request.credentials.passcode,
-        "workdir": workdir.path,
-    }
-    if request.credentials.beacon_interval is not None:
-        ini["agent"]["beacon_interval"] = f"{request.credentials.beacon_interval:g}"
-    if browser != "auto":
-        ini["agent"]["browser"] = browser
-    text = io.StringIO()
-    ini.write(text)
-    return text.getvalue().encode("utf-8")
 
 
 def _write_private(path: FilePath[str], content: bytes) -> None:

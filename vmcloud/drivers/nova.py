@@ -18,9 +18,7 @@ with ``limit=-1``'s paging (``marker`` until an empty page, so more than Nova's 
 
 from __future__ import annotations
 
-import configparser
 import contextlib
-import io
 import re
 import threading
 import time
@@ -33,6 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from vmcloud.drivers.userdata import render_user_data
 from vmcloud.pool.interfaces import (
     ACTIVE,
     BUILD,
@@ -42,7 +41,6 @@ from vmcloud.pool.interfaces import (
     BootRequest,
     CloudError,
     CloudUnavailable,
-    GuestCredentials,
     ICloudDriver,
     QuotaExceeded,
     RateLimited,
@@ -216,27 +214,6 @@ class NovaHealth:
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
-
-
-def render_user_data(credentials: GuestCredentials) -> str:
-    """The ``[agent]`` INI document the guest agent reads from user-data (``guest_agent/config.py``).
-
-    Values must survive an INI round trip unchanged: no whitespace or control characters, no
-    comment characters (the agent's parser strips inline ``;``/``#`` comments).
-    """
-    values = {"broker": credentials.broker, "login": credentials.login, "passcode": credentials.passcode}
-    for key, value in values.items():
-        if not value or re.search(r"[\s;#\x00-\x1f\x7f]", value):
-            raise BadCloudRequest(
-                f"guest {key} cannot travel in user-data (empty, or whitespace/';'/'#' in it)"
-            )
-    if credentials.beacon_interval is not None:
-        values["beacon_interval"] = f"{credentials.beacon_interval:g}"
-    ini = configparser.ConfigParser(interpolation=None)
-    ini["agent"] = values
-    text = io.StringIO()
-    ini.write(text)
-    return text.getvalue()
 
 
 _STATUS_MAP = {
