@@ -16,12 +16,14 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from vmcloud.api.site import ApiSite
 from vmcloud.broker.protocol import StompServerFactory
 from vmcloud.compose import Deployment, build_controller, check_deployment
 from vmcloud.config import MIN_LISTEN_BACKLOG, parse_config
+from vmcloud.tap import Options
 from vmcloud.threads import Threads
 
 #: Start order of the local-driver daemon with an embedded broker.
@@ -92,10 +94,10 @@ class ServiceTreeTests(SynchronousTestCase):
         return reactor, root, threads
 
     def stop(self, root: MultiService, threads: dict[str, HeldThreads]) -> None:
+        """Stop the tree; the pool's last checkpoint is written, no cloud call is made."""
         if root.running:
             d = root.stopService()
-            for pool in threads.values():
-                pool.run_all()
+            threads["vmcloud-checkpoint"].run_all()
             self.successResultOf(d)
 
     def test_start_order(self) -> None:
@@ -155,10 +157,39 @@ class ServiceTreeTests(SynchronousTestCase):
         self.assertEqual(checkpoint.running_at_stop, ["vmcloud-cloud"])
         self.assertEqual(threads["vmcloud-cloud"].running_at_stop, [])
 
+    def test_the_nova_driver_calls_the_cloud_on_its_own_threads(self) -> None:
+        """No local-driver step; the pool's first listing waits for a cloud thread, not the reactor."""
+        nova = "image = img-1\nflavor = 1\ntoken = t0k\nendpoint_override = http://127.0.0.1:1/v2.1\n"
+        reactor, root, threads = self.build(pool=f"state_dir = {self.mktemp()}\ndriver = nova\n", nova=nova)
+        self.assertEqual([s.name for s in root], [n for n in START_ORDER if n != "local-driver"])
+        root.startService()
+        self.assertTrue(threads["vmcloud-cloud"].queue)
+        self.assertEqual(
+            [type(factory) for _, factory, _, _ in reactor.tcpServers], [StompServerFactory, ApiSite]
+        )
+
     def test_nothing_listens_before_start(self) -> None:
         reactor, root, _threads = self.build()
         self.assertFalse(IService(root).running)
         self.assertEqual((reactor.tcpServers, reactor.unixServers), ([], []))
+
+
+class OptionsTests(SynchronousTestCase):
+    """``twistd vmcloud``'s options read the file and the environment they are given, once."""
+
+    def test_the_deployment_comes_from_the_given_environment(self) -> None:
+        options = Options(environ={"OS_AUTH_URL": "http://keystone:5000/v3", "OS_TOKEN": "t0k"})
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[pool]\ndriver = nova\n[nova]\nimage = i\nflavor = f\n")
+        options.parseOptions(["--config", path, "--state-dir", self.mktemp()])
+        nova = options.deployment.nova
+        assert nova is not None
+        self.assertEqual((nova.auth_url, nova.auth_method), ("http://keystone:5000/v3", "token"))
+
+    def test_a_configuration_that_cannot_work_is_a_usage_error(self) -> None:
+        with self.assertRaisesRegex(UsageError, r"\[nova\] image: required"):
+            Options(environ={}).parseOptions(["--driver", "nova"])
 
 
 class DeploymentTests(SynchronousTestCase):
