@@ -13,6 +13,7 @@ from zope.interface.verify import verifyObject
 from tests.broker.support import CONTROLLER, Client, make_broker
 from vmcloud.broker import BrokerLimits
 from vmcloud.broker.auth import Guest, IStompAvatar, StompLogin
+from vmcloud.broker.protocol import StompServerFactory
 from vmcloud.broker.realm import IBrokerClient
 from vmcloud.stomp.codec import Limits
 from vmcloud.stomp.frame import Frame
@@ -342,6 +343,9 @@ class ErrorTests(SynchronousTestCase):
         second = Client(broker)
         self.assertIn("too many connections", second.error().headers["message"])
         self.assertEqual(first.connect().command, "CONNECTED")
+        factory = broker.factory()
+        assert isinstance(factory, StompServerFactory)
+        self.assertEqual((factory.opened, factory.refused), (2, 1))  # what /metrics can count
 
     def test_error_closes_after_flush_and_aborts_a_peer_that_never_reads(self) -> None:
         clock = Clock()

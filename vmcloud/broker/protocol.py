@@ -215,12 +215,14 @@ class StompServerProtocol(Protocol):
         factory = self.factory
         self.out = typing.cast(_Transport, self.transport)
         factory.connections += 1
+        factory.opened += 1
         self.out.registerProducer(self, True)
         self._registered = True
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)  # frames are whole messages: Nagle only adds latency
         if factory.connections > self.limits.max_connections:
+            factory.refused += 1
             log.warn(
                 "Refusing STOMP connection from {address}: {limit} connections already",
                 address=self.address,
@@ -824,6 +826,9 @@ class StompServerFactory(Factory):
         self.session_ids = itertools.count(1)
         #: open connections (a count: nothing needs to walk them)
         self.connections = 0
+        #: connections made since the start, and those refused for the connection limit
+        self.opened = 0
+        self.refused = 0
         #: the heart-beats of every connection
         self.heartbeats = Heartbeats(clock)
         #: guests' connections by identity: the connection itself, or a set when there are several
