@@ -225,6 +225,8 @@ class SuccessAnswerTests(ApiTestCase):
             "recovering": False,
             "reason": None,
             "capabilities": ["cdp", "vnc", "audio"],
+            "image": None,
+            "outdated": False,
         }
         expected = {
             "poolSize": {
@@ -302,6 +304,8 @@ class SuccessAnswerTests(ApiTestCase):
                 "lastErrorAt": 1699999999250,
                 "lastListingAt": 1699999998250,
                 "strays": 0,
+                "image": None,
+                "outdatedVMs": 0,
             },
             "shuttingDown": False,
             "reconciler": {"passes": 12, "lastPassMs": 1.5, "slowestPassMs": 20.0},

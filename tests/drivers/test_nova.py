@@ -126,7 +126,13 @@ class BootListDeleteTests(NovaDriverTestCase):
         [view] = self.sim.servers()
         self.assertEqual((view.id, view.name), (server_id, "vmc-test-7"))
         self.assertEqual(
-            view.metadata, {"vmcloud-controller": "ctl-1", "vmcloud-vmid": "7", "vmcloud-batch": "none"}
+            view.metadata,
+            {
+                "vmcloud-controller": "ctl-1",
+                "vmcloud-vmid": "7",
+                "vmcloud-image": IMAGE,
+                "vmcloud-batch": "none",
+            },
         )
         server = self.sim.cloud.get(server_id)
         self.assertEqual((server.key_name, server.security_groups), ("vmcloud", ("default",)))
@@ -151,6 +157,7 @@ class BootListDeleteTests(NovaDriverTestCase):
         self.assertEqual(up.status, ACTIVE)
         self.assertEqual((up.macs, up.ips), (("fa:16:3e:00:00:01",), ("10.0.0.2",)))
         self.assertEqual(up.metadata["vmcloud-vmid"], "1")
+        self.assertEqual(up.image, IMAGE)  # the image it was booted with, on every listing
         self.assertIsNone(up.fault)
         self.assertEqual(listed[bad].status, ERROR)
         self.assertEqual(listed[bad].fault, f"Build of instance {bad} aborted: no disk")

@@ -84,3 +84,19 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(process.returncode, 2)
         self.assertIn("--port must be 0..65535", err)
         self.assertNotIn("Traceback", err)
+
+
+class ImageOptionTests(SynchronousTestCase):
+    def test_more_images_beside_the_default_one(self) -> None:
+        from twisted.python import usage
+
+        from vmcloud.novasim.__main__ import Options
+        from vmcloud.novasim.model import DEFAULT_IMAGES, Image
+
+        options = Options()
+        options.parseOptions(["--image", "7a4d3b0e-95c4-4d0b-9a57-3c2f1e0d9b11=vmcloud-guest-2"])
+        self.assertEqual(
+            options.images,
+            [*DEFAULT_IMAGES, Image("7a4d3b0e-95c4-4d0b-9a57-3c2f1e0d9b11", "vmcloud-guest-2")],
+        )
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--image", "not-a-uuid"])

@@ -37,12 +37,16 @@ PREFIX = "pool-"
 
 @implementer(ICloudDriver)
 class FakeDriver:
-    """A cloud whose answers the test gives; ``servers`` is what a listing shows."""
+    """A cloud whose answers the test gives; ``servers`` is what a listing shows.
+
+    ``image``: what new servers boot from (listed as theirs); None, like the local driver, by default.
+    """
 
     name = "fake"
     prefix = PREFIX
 
-    def __init__(self) -> None:
+    def __init__(self, image: str | None = None) -> None:
+        self.image = image
         self.boots: list[tuple[BootRequest, Deferred[str]]] = []
         self.deletes: list[tuple[str, Deferred[None]]] = []
         self.lists: list[Deferred[list[ServerStatus]]] = []
@@ -71,7 +75,13 @@ class FakeDriver:
         self._next += 1
         server_id = f"srv-{self._next}"
         self.servers[server_id] = ServerStatus(
-            server_id, request.name, ACTIVE, macs=macs, ips=ips, metadata=dict(request.metadata)
+            server_id,
+            request.name,
+            ACTIVE,
+            macs=macs,
+            ips=ips,
+            metadata=dict(request.metadata),
+            image=self.image,
         )
         return server_id
 
@@ -255,10 +265,11 @@ class World:
         start: bool = True,
         now: float = 1_000_000.0,
         store: Any = None,
+        image: str | None = None,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(now)
-        self.driver = FakeDriver()
+        self.driver = FakeDriver(image)
         self.channel = FakeChannel(self.clock)
         self.store = FakeStore(checkpoint) if store is None else store
         self.config = config

@@ -101,10 +101,16 @@ _CLOUD: tuple[tuple[str, str, str, Unit], ...] = (
         "ms",
     ),
     ("strays", "vmcloud_cloud_strays", "Servers tagged ours that no VM record claims.", "number"),
+    (
+        "outdatedVMs",
+        "vmcloud_vms_outdated",
+        "VMs booted from another image than new VMs boot from, to be retired.",
+        "number",
+    ),
 )
 
 # Cloud health fields deliberately not turned into a number series.
-CLOUD_TEXT_FIELDS = frozenset({"driver", "lastError"})
+CLOUD_TEXT_FIELDS = frozenset({"driver", "lastError", "image"})
 CLOUD_FIELDS = frozenset(key for key, *_ in _CLOUD)
 
 _COUNTS = (

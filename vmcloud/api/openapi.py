@@ -759,6 +759,16 @@ def _all_status_schema() -> dict[str, Any]:
                         "recovering": {"type": "boolean"},
                         "reason": _TEXT_OR_NULL,
                         "capabilities": _list_of({"type": "string"}),
+                        "image": {
+                            "type": ["string", "null"],
+                            "description": "the image the cloud says the server was booted from "
+                            "(null until listed, and with the local driver)",
+                        },
+                        "outdated": {
+                            "type": "boolean",
+                            "description": "booted from another image than cloud.image: retired once "
+                            "FREE (as replacements come up) or released",
+                        },
                     }
                 )
             ),
@@ -821,6 +831,14 @@ def _all_status_schema() -> dict[str, Any]:
                     "lastErrorAt": _MS_OR_NULL,
                     "lastListingAt": _MS_OR_NULL,
                     "strays": _COUNT,
+                    "image": {
+                        "type": ["string", "null"],
+                        "description": "the image new VMs boot from (null: the driver has no images)",
+                    },
+                    "outdatedVMs": {
+                        **_COUNT,
+                        "description": "VMs (dying ones aside) booted from another image, to be retired",
+                    },
                 }
             ),
             "shuttingDown": {"type": "boolean"},

@@ -107,8 +107,11 @@ def pool_size_json(size: PoolSize) -> dict[str, Any]:
     }
 
 
-def vm_json(vm: VM) -> dict[str, Any]:
-    """A VM as the monitor lists it; ``ip`` and ``mac`` are the guest's, else the cloud's first."""
+def vm_json(vm: VM, image: str | None = None) -> dict[str, Any]:
+    """A VM as the monitor lists it; ``ip`` and ``mac`` are the guest's, else the cloud's first.
+
+    ``image`` is the image new VMs boot from: a VM booted from another one is ``outdated``.
+    """
     return {
         "vmid": vm.vmid,
         "state": vm.state.value,
@@ -124,6 +127,8 @@ def vm_json(vm: VM) -> dict[str, Any]:
         "recovering": vm.recovering,
         "reason": vm.reason,
         "capabilities": list(vm.capabilities),
+        "image": vm.image,
+        "outdated": vm.outdated(image),
     }
 
 
@@ -168,8 +173,9 @@ def pending_lock_json(lock: PendingLock) -> dict[str, Any]:
     return {"handle": lock.handle, "batch": lock.batch, "since": ms(lock.since)}
 
 
-def cloud_json(cloud: CloudView, now: float) -> dict[str, Any]:
-    """Cloud health at ``now``: a pause that has ended shows as none (null, false)."""
+def cloud_json(cloud: CloudView, now: float, outdated: int = 0) -> dict[str, Any]:
+    """Cloud health at ``now``: a pause that has ended shows as none (null, false); the image new
+    VMs boot from and how many VMs of the pool (dying ones aside) were booted from another."""
     health: CloudHealth = cloud.health
     backing_off = health.backing_off(now)
     quota = now < health.quota_until
@@ -187,6 +193,8 @@ def cloud_json(cloud: CloudView, now: float) -> dict[str, Any]:
         "lastErrorAt": _ms_or_none(health.last_error_at),
         "lastListingAt": _ms_or_none(cloud.last_listing_at),
         "strays": cloud.strays,
+        "image": cloud.image,
+        "outdatedVMs": outdated,
     }
 
 
@@ -200,14 +208,17 @@ def reconciler_json(figures: ReconcilerView) -> dict[str, Any]:
 
 def all_status_json(status: PoolStatus) -> dict[str, Any]:
     """``GET /all-status``: everything the monitor shows, and the version it shows."""
+    image = status.cloud.image
     return {
         "poolSize": pool_size_json(status.size),
-        "vms": [vm_json(vm) for vm in status.vms],
+        "vms": [vm_json(vm, image) for vm in status.vms],
         "batches": [batch_json(b) for b in status.batches],
         "preps": [preparation_json(p) for p in status.preps],
         "handles": [handle_summary_json(h) for h in status.handles],
         "pendingLocks": [pending_lock_json(p) for p in status.pending_locks],
-        "cloud": cloud_json(status.cloud, status.time),
+        "cloud": cloud_json(
+            status.cloud, status.time, sum(1 for vm in status.vms if vm.alive and vm.outdated(image))
+        ),
         "shuttingDown": status.shutting_down,
         "reconciler": reconciler_json(status.reconciler),
         "time": ms(status.time),

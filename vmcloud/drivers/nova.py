@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import threading
 import time
 import traceback
@@ -265,15 +266,36 @@ def server_status(info: Mapping[str, Any]) -> ServerStatus:
                     if str(addr) not in target:
                         target.append(str(addr))
     metadata = info.get("metadata")
+    metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, Mapping) else {}
     return ServerStatus(
         server_id=str(info["id"]),
         name=str(info.get("name", "")),
         status=status,
         macs=tuple(macs),
         ips=tuple(fixed + floating),
-        metadata={str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, Mapping) else {},
+        metadata=metadata,
         fault=fault,
+        image=server_image(info, metadata),
     )
+
+
+#: The metadata key holding the image a server was booted with, as the config names it.
+META_IMAGE = "vmcloud-image"
+
+
+def server_image(info: Mapping[str, Any], metadata: Mapping[str, str]) -> str | None:
+    """The image a server was booted from, as ``[nova] image`` named it when it was booted.
+
+    The driver tags every server with it (``vmcloud-image``), so that an image given as a URL, or
+    whatever else Nova normalises, compares with the config as written; a server without the tag
+    (booted by an older controller) gives Nova's ``image.id`` (empty for a boot from volume: None).
+    Interned: thousands of VMs of one image hold one string.
+    """
+    image = metadata.get(META_IMAGE)
+    if not image:
+        body = info.get("image")
+        image = str(body.get("id") or "") if isinstance(body, Mapping) else ""
+    return sys.intern(image) if image else None
 
 
 def translate(error: Exception) -> CloudError:
@@ -361,6 +383,8 @@ class NovaDriver:
         config.check()
         self.config = config
         self.prefix = prefix
+        #: The image new servers boot from; the pool retires VMs listed with another.
+        self.image = config.image
         self.controller_name = controller_name
         self._dispatch = dispatch
         self._clock = clock
@@ -389,6 +413,7 @@ class NovaDriver:
         metadata = {
             "vmcloud-controller": self.controller_name,
             "vmcloud-vmid": request.vmid,
+            META_IMAGE: self.config.image,
             **request.metadata,
         }
         config = self.config

@@ -15,6 +15,7 @@ called, not only how often (``/_sim/counters``).
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 import time
@@ -36,8 +37,17 @@ from twisted.web.server import Request, Site
 
 from vmcloud.novasim.guests import GuestProcesses
 from vmcloud.novasim.identity import Identity
-from vmcloud.novasim.model import DEFAULT_FLAVORS, DEFAULT_IMAGES, DEFAULT_NETWORKS, BootRule, CloudSettings
+from vmcloud.novasim.model import (
+    DEFAULT_FLAVORS,
+    DEFAULT_IMAGES,
+    DEFAULT_NETWORKS,
+    BootRule,
+    CloudSettings,
+    Image,
+)
 from vmcloud.novasim.simulator import Simulator
+
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 def _non_negative_float(text: str) -> float:
@@ -95,6 +105,17 @@ class Options(usage.Options):
         ],
         ["request-log", None, None, "append one JSON line per request to this file"],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[Image] = list(DEFAULT_IMAGES)
+
+    def opt_image(self, value: str) -> None:
+        """ID[=NAME]: one more image Glance lists and Nova boots (repeatable), e.g. a new guest image"""
+        image_id, _, name = value.partition("=")
+        if not _UUID_RE.match(image_id):
+            raise usage.UsageError(f"--image: the id must be a UUID, got {image_id!r}")
+        self.images.append(Image(image_id, name or image_id))
 
     def postOptions(self) -> None:  # noqa: N802
         if not 0 <= self["port"] <= 65535:
@@ -186,7 +207,7 @@ def banner(sim: Simulator) -> str:
         f" secret={ident.application_credential_secret}",
         f"# compute endpoint: {sim.compute_url}",
         "# [nova] ids:",
-        f"#   image = {DEFAULT_IMAGES[0].id}",
+        *(f"#   image = {image.id}   ; {image.name}" for image in sim.cloud.images.values()),
         f"#   flavor = {DEFAULT_FLAVORS[0].id}",
         f"#   network = {DEFAULT_NETWORKS[0].id}",
         "#   key_name = vmcloud",
@@ -215,6 +236,7 @@ def main(reactor: Any, *argv: str) -> defer.Deferred[None]:
         settings=options.settings,
         identity=options.identity,
         seed=options["seed"],
+        images=options.images,
         on_active=guests.on_active if guests else None,
         on_deleted=guests.on_deleted if guests else None,
     )

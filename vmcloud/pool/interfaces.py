@@ -62,6 +62,9 @@ class ServerStatus:
     ips: tuple[str, ...] = ()
     metadata: Mapping[str, str] = attrs.field(factory=dict)
     fault: str | None = None
+    #: The image the server was booted from, as the driver's ``image`` names it (None: unknown,
+    #: or a driver without images).
+    image: str | None = None
 
 
 class CloudError(Exception):
@@ -91,7 +94,12 @@ class BadCloudRequest(CloudError):
 
 
 class ICloudDriver(Interface):
-    """Boots, lists and deletes the servers of one pool; every method is async."""
+    """Boots, lists and deletes the servers of one pool; every method is async.
+
+    A driver with images may also have an ``image`` attribute: the image it boots new servers
+    from, in the same spelling as :attr:`ServerStatus.image`.  The pool retires VMs listed with
+    another image (read with ``getattr(driver, "image", None)``: a driver without it has none).
+    """
 
     name = Attribute("Short driver name for logs and /all-status, e.g. 'local' or 'nova'.")
     prefix = Attribute("Server name prefix; every server of the pool is named prefix + vmid.")

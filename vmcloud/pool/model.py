@@ -64,7 +64,9 @@ class VM:
     in its HELLO.  ``batch`` is the batch the VM is being prepared for, is READY for, or was locked
     from; ``handle`` the handle holding an OCCUPIED VM (None once released: it then waits for its
     cleanup).  ``recovering`` marks a VM kept from a checkpoint whose guest has not said HELLO
-    again yet: it gets no new work until it does.
+    again yet: it gets no new work until it does.  ``image`` is the image the cloud says the
+    server was booted from (None until a listing said it, and for drivers without images); it is
+    not checkpointed: every listing refreshes it.
     """
 
     vmid: str
@@ -92,6 +94,7 @@ class VM:
     capabilities: tuple[str, ...] = ()
     recovering: bool = False
     reason: str | None = None
+    image: str | None = None
 
     @property
     def alive(self) -> bool:
@@ -102,6 +105,10 @@ class VM:
     def preparing(self) -> bool:
         """A PREPARE is in flight: the VM already belongs to its batch."""
         return self.state is VMState.WAIT and self.batch is not None
+
+    def outdated(self, image: str | None) -> bool:
+        """Booted from another image than ``image``, the one new VMs boot from (None: no images)."""
+        return self.image is not None and image is not None and self.image != image
 
     @property
     def released(self) -> bool:

@@ -22,11 +22,22 @@ The rules, as the original controller had them:
 * FREE VMs idle for longer than linger are terminated while the pool is above its minimum;
 * released VMs are cleaned back to FREE; cancelled batches with no VM and no pending lock go;
 * servers with our prefix that we do not track are deleted once seen twice in a row.
+
+And one rule of its own, the rolling replacement of an image (``outdated``: the VMs booted from
+another image than the one new VMs boot from):
+
+* an outdated VM is never prepared while an up-to-date FREE one is there; a released one is
+  terminated instead of cleaned; one that is READY, preparing or held stays until released;
+* outdated FREE VMs do not count towards the minimum, so their replacements boot; one is
+  terminated for each VM up (neither CREATING nor BOOTING) beyond the minimum, so the pool never
+  has fewer VMs up than its minimum.  At the maximum, where no replacement can boot first, one at
+  a time is terminated when nothing is booting and the cloud lets the pool grow (the pool is one
+  VM short while its replacement boots); never while boots fail (a broken new image).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from itertools import chain
 
 import attrs
@@ -111,7 +122,8 @@ ABOVE_MAX = "above the maximum pool size"
 LINGER = "idle longer than linger"
 SHUTTING_DOWN = "shutting down"
 TERMINATED = "terminated by the operator"
-NOT_FAILURES = frozenset({ABOVE_MAX, LINGER, SHUTTING_DOWN, TERMINATED})
+OUTDATED = "booted from an outdated image"
+NOT_FAILURES = frozenset({ABOVE_MAX, LINGER, SHUTTING_DOWN, TERMINATED, OUTDATED})
 
 Action = Boot | Delete | DeleteServer | Prepare | Cleanup | Assign | ReleaseHandle | DropBatch
 
@@ -141,14 +153,21 @@ class _Pass:
         "deletes",
         "dying",
         "let_go",
+        "outdated",
         "released",
+        "retirable",
         "state",
         "taken",
         "used",
     )
 
-    def __init__(self, state: PoolState, deletes: int = 0) -> None:
+    def __init__(self, state: PoolState, deletes: int = 0, outdated: Collection[str] = ()) -> None:
         self.state = state
+        #: VMs booted from another image than the current one.
+        self.outdated = outdated
+        #: Outdated VMs this plan could terminate but keeps for now (FREE, or released): they do
+        #: not count towards the minimum.
+        self.retirable = 0
         #: Cloud deletes this plan may still start (``max_deletes_in_flight`` less those in flight).
         self.deletes = deletes
         self.actions: list[Action] = []
@@ -224,14 +243,17 @@ def deletes_in_flight(config: PoolConfig, state: PoolState, now: float) -> int:
     return killing + strays
 
 
-def plan(config: PoolConfig, state: PoolState, now: float) -> list[Action]:
+def plan(config: PoolConfig, state: PoolState, now: float, outdated: Collection[str] = ()) -> list[Action]:
     """Every action the rules call for in ``state`` at ``now``, in the order to apply them.
+
+    ``outdated``: the vmids of VMs booted from another image than the one new VMs boot from
+    (:meth:`~vmcloud.pool.model.VM.outdated`; ids of VMs gone since are ignored).
 
     Terminations are the exception: at most ``max_deletes_in_flight`` are under way at once, so a
     shutdown of thousands of VMs (or a mass death) is spread over many short passes instead of one
     that starts them all; the most urgent come first (dead VMs, strays, shutdown, size, linger).
     """
-    p = _Pass(state, config.max_deletes_in_flight - deletes_in_flight(config, state, now))
+    p = _Pass(state, config.max_deletes_in_flight - deletes_in_flight(config, state, now), outdated)
     minimum, maximum = effective_size(config, state)
     _expire_handles(p, now)
     _terminate_dead(p, config, now)
@@ -245,6 +267,7 @@ def plan(config: PoolConfig, state: PoolState, now: float) -> list[Action]:
     lock_queue, size_queue = _preparation_queue(p, remaining, now)
     queue = lock_queue + size_queue
     served = _prepare_free(p, queue)
+    _retire(p, minimum, maximum, now)
     _grow(p, config, minimum, maximum, queue, len(lock_queue), served, now)
     _linger(p, minimum, now)
     _clean_released(p)
@@ -421,7 +444,12 @@ def _prepare_free(p: _Pass, queue: list[str]) -> int:
     state = p.state
     vms = state.vms
     served = 0
-    for vmid in state.ids(VMState.FREE):
+    ids = state.ids(VMState.FREE)
+    free: Iterator[str] = iter(ids)
+    if p.outdated:  # up-to-date VMs first; outdated ones only when none is left
+        old = p.outdated
+        free = chain((v for v in ids if v not in old), (v for v in ids if v in old))
+    for vmid in free:
         if served == len(queue):
             break
         if p.free(vmid) and not vms[vmid].recovering:
@@ -429,6 +457,41 @@ def _prepare_free(p: _Pass, queue: list[str]) -> int:
             p.used.add(vmid)
             served += 1
     return served
+
+
+def _retire(p: _Pass, minimum: int, maximum: int, now: float) -> None:
+    """Terminate outdated VMs: released ones at once, FREE ones as replacements come up."""
+    if not p.outdated:
+        return
+    state = p.state
+    vms = state.vms
+    let_go = set(p.let_go)
+    idle: list[VM] = []
+    for vmid in p.outdated:
+        vm = vms.get(vmid)
+        if vm is None or not p.free(vmid):
+            continue
+        if vm.state is VMState.OCCUPIED and (vm.handle is None or vmid in let_go):
+            if not p.kill(vm, OUTDATED):
+                p.retirable += 1
+        elif vm.state is VMState.FREE and not vm.recovering:
+            idle.append(vm)
+    if not idle:
+        return
+    idle.sort(key=lambda vm: vm.last_used)  # longest idle first, as linger would
+    coming = sum(
+        1 for kind in (VMState.CREATING, VMState.BOOTING) for vmid in state.ids(kind) if vmid not in p.dying
+    )
+    retire = min(len(idle), max(0, p.alive - coming - minimum))
+    cloud = state.cloud
+    if not retire and p.alive >= maximum and not coming and cloud.can_grow(now) and not cloud.probing:
+        retire = 1  # no room to boot a replacement first: one at a time
+    killed = 0
+    for vm in idle[:retire]:
+        if not p.kill(vm, OUTDATED):
+            break
+        killed += 1
+    p.retirable += len(idle) - killed
 
 
 def _grow(
@@ -446,9 +509,11 @@ def _grow(
     unserved = len(queue) - served
     creating = sum(1 for vmid in state.ids(VMState.CREATING) if vmid not in p.dying)
     booting = sum(1 for vmid in state.ids(VMState.BOOTING) if vmid not in p.dying)
-    cleaning = sum(1 for vmid in chain(state.released(), p.let_go) if vmid not in p.dying)
+    cleaning = sum(
+        1 for vmid in chain(state.released(), p.let_go) if vmid not in p.dying and vmid not in p.outdated
+    )
     coming = p.count(VMState.WAIT, None) + cleaning + creating + booting
-    want = max(unserved - coming, minimum - p.alive, 0)
+    want = max(unserved - coming, minimum - (p.alive - p.retirable), 0)
     boots = min(want, maximum - p.alive)
     if boots > 0 and (p.boot_failed or not state.cloud.can_grow(now)):
         boots = 0
@@ -482,16 +547,21 @@ def _grow(
 
 
 def _linger(p: _Pass, minimum: int, now: float) -> None:
-    if p.alive <= minimum:
+    """FREE VMs idle longer than linger go while the pool is above its minimum.
+
+    Outdated VMs are the retiring's: neither taken nor counted (their replacements are).
+    """
+    if p.alive - p.retirable <= minimum:
         return
     state = p.state
     vms = state.vms
     linger = state.spec.linger
+    outdated = p.outdated
     for vmid in state.ids(VMState.FREE):
-        if p.alive <= minimum:
+        if p.alive - p.retirable <= minimum:
             return
         vm = vms[vmid]
-        if not p.free(vmid) or vm.recovering:
+        if not p.free(vmid) or vm.recovering or vmid in outdated:
             continue
         if now - vm.last_used < linger:
             return  # FREE VMs are in the order they became idle: the rest idled for less
@@ -501,8 +571,9 @@ def _linger(p: _Pass, minimum: int, now: float) -> None:
 
 def _clean_released(p: _Pass) -> None:
     vms = p.state.vms
+    outdated = p.outdated
     for vmid in chain(p.state.released(), p.let_go):
-        if p.free(vmid) and not vms[vmid].recovering:
+        if p.free(vmid) and not vms[vmid].recovering and vmid not in outdated:
             p.actions.append(Cleanup(vmid, "released"))
             p.used.add(vmid)
 

@@ -43,6 +43,7 @@ from vmcloud.pool.interfaces import (
 )
 from vmcloud.pool.model import VM, Batch, CloudHealth
 from vmcloud.pool.plan import (
+    OUTDATED,
     Action,
     Assign,
     Boot,
@@ -183,6 +184,10 @@ class Reconciler:
         self._words_call: IDelayedCall | None = None
         self._loop = LoopingCall(self.tick)
         self._loop.clock = clock
+        #: The image new VMs boot from (None: the driver has no images).
+        self.image: str | None = getattr(driver, "image", None) or None
+        #: VMs booted from another image, found at each listing (a VM's image changes only then).
+        self.outdated: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------ life
 
@@ -246,7 +251,7 @@ class Reconciler:
     def _plan_and_start(self) -> None:
         """Apply every action's marks; start its effect now, or queue it if it is a guest word."""
         now = self.clock.seconds()
-        for action in plan(self.config, self.state, now):
+        for action in plan(self.config, self.state, now, self.outdated):
             try:
                 vm = apply(self.state, action, now, self.config)
                 if isinstance(action, Prepare | Cleanup) and vm is not None:
@@ -317,6 +322,14 @@ class Reconciler:
             self._spawn(self._boot(vm, credentials), f"booting VM {vm.vmid}")
         elif isinstance(action, Delete):
             self._revoke(action.vmid)
+            if action.reason == OUTDATED and vm is not None:
+                log.info(
+                    "VM {vmid} retired: booted from image {image}, new VMs boot from {current}",
+                    vmid=vm.vmid,
+                    image=vm.image,
+                    current=self.image,
+                    event="retire",
+                )
             if action.failed_boot:
                 log.warn(
                     "VM {vmid} died before its guest said HELLO ({reason}); booting slows down",
@@ -471,6 +484,7 @@ class Reconciler:
             self.last_listing_at = now
             self.state.observe_servers(servers, issued_at, now, self.config.prefix)
             self.state.retry_unmatched(now, self.config.timeout_boot)
+            self._find_outdated()
             for stray in self.state.strays.values():
                 if stray.seen == 1:
                     log.info(
@@ -483,6 +497,25 @@ class Reconciler:
             self.listing = False
             self._next_poll = issued_at + self.config.poll_interval
         self.schedule()
+
+    def _find_outdated(self) -> None:
+        """The VMs booted from another image than ours; a line when some are newly found."""
+        image = self.image
+        if image is None:
+            return
+        outdated = frozenset(vmid for vmid, vm in self.state.vms.items() if vm.alive and vm.outdated(image))
+        new = outdated - self.outdated
+        self.outdated = outdated
+        if new:
+            log.info(
+                "{count} VMs booted from another image than {image} ({images}): retired as replacements "
+                "come up, once released when lent",
+                count=len(new),
+                image=image,
+                images=", ".join(sorted({str(self.state.vms[v].image) for v in new})),
+                vmids=sorted(new)[:20],
+                event="vm-outdated",
+            )
 
     # ------------------------------------------------------------------ guests
 

@@ -679,6 +679,7 @@ class PoolService(Service):
                 health=state.cloud,
                 last_listing_at=reconciler.last_listing_at,
                 strays=len(state.strays),
+                image=reconciler.image,
             ),
             shutting_down=state.shutting_down,
             reconciler=ReconcilerView(

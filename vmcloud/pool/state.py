@@ -497,9 +497,9 @@ class PoolState:
     ) -> None:
         """Take in one listing of the pool's servers (asked for at ``issued_at``).
 
-        Tracked servers update their VM's addresses; a tracked server missing from the listing or
-        in ERROR fails its VM (unless the VM got its server after the listing was asked for);
-        untracked ones are counted as strays, seen once more.
+        Tracked servers update their VM's addresses and image; a tracked server missing from the
+        listing or in ERROR fails its VM (unless the VM got its server after the listing was asked
+        for); untracked ones are counted as strays, seen once more.
         """
         listed = {s.server_id: s for s in servers}
         for server_id, vmid in list(self._by_server.items()):
@@ -514,8 +514,8 @@ class PoolState:
                     self.fail_vm(vmid, "server gone from the cloud", now)
                 continue
             macs, ips = tuple(status.macs), tuple(status.ips)
-            if macs != vm.macs or ips != vm.ips:
-                vm = self.put(attrs.evolve(vm, macs=macs, ips=ips))
+            if macs != vm.macs or ips != vm.ips or status.image != vm.image:
+                vm = self.put(attrs.evolve(vm, macs=macs, ips=ips, image=status.image))
             if status.status == SERVER_ERROR and vm.alive:
                 self.fail_vm(vmid, f"cloud reports ERROR: {status.fault or 'no reason given'}", now)
         if self._strays.count(self._untracked(listed, prefix)):

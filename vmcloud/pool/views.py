@@ -59,12 +59,15 @@ class HandleView:
 
 @attrs.frozen
 class CloudView:
-    """How the cloud has been answering: the driver, its health, the last listing, the strays."""
+    """How the cloud has been answering: the driver, its health, the last listing, the strays;
+    and the image new VMs boot from (None: the driver has no images), which makes a VM booted
+    from another one outdated (:meth:`~vmcloud.pool.model.VM.outdated`)."""
 
     driver: str
     health: CloudHealth
     last_listing_at: float | None
     strays: int
+    image: str | None = None
 
 
 @attrs.frozen
