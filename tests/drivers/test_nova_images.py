@@ -31,6 +31,7 @@ class ImageTests(NovaDriverTestCase):
         lists = self.sim.count(LIST)
         listed = {s.server_id: s.image for s in await upgraded.list_servers()}
         self.assertEqual(listed, {old: IMAGE, new: NEW_IMAGE})
+        self.assertEqual({v.id: v.to_json()["image"] for v in self.sim.servers()}, listed)  # /_sim/servers
         self.assertEqual(self.sim.count(LIST) - lists, 2)  # the same one walk (a page, then empty)
 
     async def test_an_image_given_as_a_url_compares_as_written(self) -> None:

@@ -4,7 +4,8 @@ Tests in the same process use the :class:`~vmcloud.novasim.simulator.Simulator` 
 this is the same set of knobs over HTTP:
 
 =========================  ==========================================================================
-``GET /_sim/servers``      every server (id, name, status, task_state, metadata, network, mac, ip, fault)
+``GET /_sim/servers``      every server (id, name, status, task_state, metadata, network, mac, ip, fault,
+                           created, image)
 ``GET /_sim/counters``     requests seen, by route label (``"GET /v2.1/servers/{id}": 3``)
 ``DELETE /_sim/counters``  reset them
 ``GET /_sim/settings``     life-cycle, quota, capacity, paging and boot-outcome settings

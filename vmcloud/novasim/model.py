@@ -176,6 +176,7 @@ class ServerView:
     ip: str | None
     fault: str | None
     created: float  # on the simulator's clock
+    image: str = ""  # the id of the image it was booted from
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -189,6 +190,7 @@ class ServerView:
             "ip": self.ip,
             "fault": self.fault,
             "created": self.created,
+            "image": self.image,
         }
 
 
@@ -273,6 +275,7 @@ class SimServer:
             ip=self.ip if self.networked and self.network else None,
             fault=self.fault.message if self.fault else None,
             created=self.created,
+            image=self.image.id,
         )
 
 
