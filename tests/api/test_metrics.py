@@ -357,10 +357,13 @@ class BrokerMetricsTests(SynchronousTestCase):
         self.assertEqual(first[("vmcloud_broker_messages_delivered_total", ())], 2)
         self.assertEqual(first[("vmcloud_broker_queued_messages", ())], 1)
         self.assertEqual(first[("vmcloud_broker_messages_dropped_total", ())], 0)
+        self.assertEqual(first[("vmcloud_broker_connections_opened_total", ())], 1)
+        self.assertEqual(first[("vmcloud_broker_connections_refused_total", ())], 0)
         consumer.lose()
         second = samples(exposition(metrics.registry, None)[0].decode())
         self.assertEqual(second[("vmcloud_broker_connections", ())], 0)
         self.assertEqual(second[("vmcloud_broker_messages_published_total", ())], 3)
+        self.assertEqual(second[("vmcloud_broker_connections_opened_total", ())], 1)
 
 
 class ServedHistogramTests(ApiTestCase):

@@ -264,6 +264,10 @@ class BrokerFigures(Protocol):
     def delivered_messages(self) -> int: ...
     @property
     def dropped_messages(self) -> int: ...
+    @property
+    def opened_connections(self) -> int: ...
+    @property
+    def refused_connections(self) -> int: ...
 
 
 # (BrokerFigures attribute, metric name, help, counter or gauge)
@@ -286,6 +290,13 @@ _BROKER: tuple[tuple[str, str, str, Literal["counter", "gauge"]], ...] = (
         "dropped_messages",
         "vmcloud_broker_messages_dropped",
         "Messages dropped: the store full, or a queue over its cap.",
+        "counter",
+    ),
+    ("opened_connections", "vmcloud_broker_connections_opened", "STOMP connections accepted.", "counter"),
+    (
+        "refused_connections",
+        "vmcloud_broker_connections_refused",
+        "STOMP connections refused for the connection limit.",
         "counter",
     ),
 )

@@ -64,7 +64,8 @@ class Broker:
 
     def stats(self) -> BrokerStats:
         """Connections, subscriptions, stored and un-acked messages, paused publishers, drops."""
-        return self.realm.stats(self._factory.connections)
+        factory = self._factory
+        return self.realm.stats(factory.connections, factory.opened, factory.refused)
 
     def _revoked(self, login: str) -> None:
         dropped = self._factory.drop_identity(login, "credentials revoked")

@@ -221,6 +221,9 @@ class BrokerStats:
     dropped_messages: int
     delivered_messages: int
     published_messages: int
+    #: connections accepted since the start, and those refused for the connection limit
+    opened_connections: int = 0
+    refused_connections: int = 0
 
 
 class Realm:
@@ -590,8 +593,8 @@ class Realm:
         self._drain(queue)
         return count
 
-    def stats(self, connections: int) -> BrokerStats:
-        """Figures for /all-status and metrics; ``connections`` comes from the listener."""
+    def stats(self, connections: int, opened: int = 0, refused: int = 0) -> BrokerStats:
+        """Figures for /all-status and metrics; the connection counts come from the listener."""
         return BrokerStats(
             connections=connections,
             subscriptions=self._subscriptions,
@@ -603,6 +606,8 @@ class Realm:
             dropped_messages=self._dropped,
             delivered_messages=self._delivered,
             published_messages=self._published,
+            opened_connections=opened,
+            refused_connections=refused,
         )
 
     # -- back-pressure
