@@ -153,7 +153,9 @@ class GuestAgent(Service):
         if self.broken is not None:
             self.say(self._presence(Bye))  # a broken VM must not be registered again, only replaced
             return
-        self.say(self._presence(Hello))
+        # HELLO alone tells the operator's view-only VNC password (never a beacon, which would say it
+        # every few seconds); a controller that restarted hears it again at the reconnect
+        self.say(self._presence(Hello, vnc_view=self._browser.vnc_view))
         log.info("Said HELLO as {identity}", identity=self._identity, event="agent-hello")
 
     def _say_still_alive(self) -> None:
@@ -165,13 +167,16 @@ class GuestAgent(Service):
         except Exception:
             log.failure("Could not say STILL_ALIVE")
 
-    def _presence(self, word: type[Hello] | type[Bye] | type[StillAlive]) -> Said:
+    def _presence(
+        self, word: type[Hello] | type[Bye] | type[StillAlive], vnc_view: tuple[int, str] | None = None
+    ) -> Said:
         return word.how_to_say(
             identity=self._identity,
             ip=self._ip,
             mac=self._mac,
             agent_version=self.agent_version,
             capabilities=self.capabilities,
+            vnc_view=vnc_view,
         )
 
     def _page_loaded(self, event: Mapping[str, Any]) -> None:

@@ -285,6 +285,11 @@ class AudibleBrowser(MultiService):
     def on_broken(self, callback: BrokenCallback | None) -> None:
         self.browser.on_broken = callback
 
+    @property
+    def vnc_view(self) -> tuple[int, str] | None:
+        view: tuple[int, str] | None = self.browser.vnc_view
+        return view
+
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         super().startService()
         if self.server is None or "audio" not in self.capabilities:

@@ -76,6 +76,10 @@ class IBrowser(Interface):
         "callable(reason: str) -> None or None; called once if the browser cannot be repaired, so the "
         "agent tells the controller to replace the VM."
     )
+    vnc_view = Attribute(
+        "(port, password) or None: the VNC server's port and the operator's view-only password, said in "
+        "HELLO so that the controller shows the monitor this VM's screen in every state (never a worker)"
+    )
 
     async def prepare(
         homepage: str,  # noqa: N805 - zope interface methods have no self
@@ -225,6 +229,7 @@ class NoBrowser:
     """
 
     capabilities: tuple[str, ...] = (NO_BROWSER,)
+    vnc_view: tuple[int, str] | None = None  # no screen to show
 
     def __init__(self, clock: IReactorTime, on_page_load: PageLoadCallback | None = None) -> None:
         self._clock = clock

@@ -19,7 +19,8 @@ agent, so a FREE VM has a browser waiting, and ends it with the agent.
   cookies into its context before the first navigation, sizes the window if another size is asked,
   and loads the home page; the answer comes when the load event fired.
 - **Page events** come from the browser's signals through :class:`~guest_agent.pages.PageEvents`.
-- **CLEANUP** revokes the VNC password and closes every viewer, disposes the session's (and a
+- **CLEANUP** revokes the session's VNC password (the operator's view-only one stays, see
+  :mod:`guest_agent.stack`) and closes every viewer, disposes the session's (and a
   spare's) context and proves the browser clean (one page, blank, zero cookies); when it cannot,
   Chromium is restarted from a wiped profile and proven again.  The next spare is opened after the
   answer, never inside it.
@@ -216,6 +217,11 @@ class ChromiumBrowser(Service):
         log.info("Browser stack stopped", event="browser-stopped")
 
     # ------------------------------------------------------------------ IBrowser
+
+    @property
+    def vnc_view(self) -> tuple[int, str]:
+        """The VNC server's port and the operator's view-only password, for HELLO."""
+        return int(self.stack.vnc_address[1]), str(self.stack.view_password)
 
     async def prepare(
         self,

@@ -5,8 +5,11 @@ when.  What it settles, with the reasons:
 
 - **Xvnc** is the X server and the VNC server in one process, so nothing scrapes a framebuffer.
   ``-displayfd`` lets it pick a free display: X sockets in ``/tmp/.X11-unix`` are shared by every
-  local VM, even across network namespaces.  VncAuth only, its password in a file that Xvnc reads
-  at every authentication: writing the file rotates the password, emptying it revokes it.
+  local VM, even across network namespaces.  VncAuth only, its passwords in a file that Xvnc reads
+  at every authentication: writing the file rotates the session's password, and a password nobody
+  is told revokes it.  The file's second line is the operator's view-only password, made at random
+  when the stack is built and kept for the agent's life: the controller logs in with it to show the
+  monitor a VM's screen whatever its state, and Xvnc ignores the input of such a login.
   ``UseBlacklist=0`` because every viewer arrives through the controller's proxy, from one
   address: five wrong passwords from anyone would otherwise lock every worker out for a while.
 - **PulseAudio** with a null sink as the default sink (the browser's sound, for the capture), no
@@ -31,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -130,16 +134,29 @@ def find_stack(
     )
 
 
-def vnc_password_file(password: str | None) -> bytes:
-    """The content of a VncAuth password file; empty (nobody can log in) for None.
+def vnc_password_file(password: str | None, view_password: str | None = None) -> bytes:
+    """The content of a VncAuth password file (``vncpasswd -f``'s format): the full-access password,
+    then, when given, the view-only one (TigerVNC reads a second 8 bytes as the view-only password:
+    a login with it gets the screen, and Xvnc ignores its keys, pointer and clipboard).
 
+    Empty for None (nobody can log in).  A file with a view-only password must have a full-access
+    one too (Xvnc refuses every login when the first is missing, and takes an empty first one as
+    the password "" that anyone knows): :func:`unknown_vnc_password` fills it when no session is on.
     VncAuth uses at most 8 characters of a password, so the controller's passwords are 8 long.
     """
     if password is None:
         return b""
-    raw = password.encode("utf-8")[:8].ljust(8, b"\0")
     encryptor = Cipher(TripleDES(_VNC_FILE_KEY * 3), modes.ECB()).encryptor()
+    raw = password.encode("utf-8")[:8].ljust(8, b"\0")
+    if view_password is not None:
+        raw += view_password.encode("utf-8")[:8].ljust(8, b"\0")
     return encryptor.update(raw) + encryptor.finalize()
+
+
+def unknown_vnc_password() -> str:
+    """8 random characters nobody is told: Xvnc reads a password up to its first NUL, so none is drawn
+    (``secrets.token_urlsafe`` gives letters, digits, ``-`` and ``_``)."""
+    return secrets.token_urlsafe(6)[:8]
 
 
 def xauthority(cookie: bytes) -> bytes:
@@ -477,8 +494,13 @@ class IBrowserStack(Interface):
     async def stop() -> None:
         """End every process and remove the run directory."""
 
+    view_password = Attribute(
+        "str: the operator's view-only VNC password, for the agent's life; said in HELLO, never to a worker"
+    )
+
     def set_vnc_password(password: str | None) -> None:  # noqa: N805
-        """The VNC password from now on; None: nobody can log in."""
+        """The session's VNC password from now on; None: no worker can log in (the operator's
+        view-only password stays)."""
 
     async def disconnect_viewers() -> None:
         """Close every open VNC connection; failures are logged, never raised."""
@@ -514,6 +536,7 @@ class BrowserStack:
         self.capabilities: tuple[str, ...] = programs.capabilities
         self.screen = screen
         self.vnc_address = (vnc_host, vnc_port)
+        self.view_password = unknown_vnc_password()
         self.on_ended: Callable[[str], None] | None = None
         self._user = user
         self._run_dir_wanted = run_dir
@@ -595,9 +618,14 @@ class BrowserStack:
         return os.path.join(self.run_dir, "vnc-passwd")
 
     def set_vnc_password(self, password: str | None) -> None:
-        """Rotate (or, with None, revoke) the VNC password: Xvnc reads the file at each login."""
+        """Rotate (or, with None, revoke) the session's VNC password: Xvnc reads the file at each login.
+
+        Revoked, the full-access line is a fresh password nobody is told; the view-only line is the
+        operator's, always.
+        """
         if self.run_dir:
-            write_private(self._password_file(), vnc_password_file(password))
+            content = vnc_password_file(password or unknown_vnc_password(), self.view_password)
+            write_private(self._password_file(), content)
 
     async def disconnect_viewers(self) -> None:
         """``vncconfig -disconnect``, so no viewer outlives its worker."""

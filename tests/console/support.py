@@ -43,9 +43,12 @@ def _reverse_bits(data: bytes) -> bytes:
     return bytes(int(f"{b:08b}"[::-1], 2) for b in data)
 
 
-def vnc_password_file(password: str) -> bytes:
-    """The content of a VNC password file (``vncpasswd -f``) for ``password``."""
-    return _des(_PASSWD_KEY, password.encode("ascii")[:8].ljust(8, b"\0"))
+def vnc_password_file(password: str, view_password: str | None = None) -> bytes:
+    """The content of a VNC password file (``vncpasswd -f``) for ``password`` (and a view-only one)."""
+    content = _des(_PASSWD_KEY, password.encode("ascii")[:8].ljust(8, b"\0"))
+    if view_password is not None:
+        content += _des(_PASSWD_KEY, view_password.encode("ascii")[:8].ljust(8, b"\0"))
+    return content
 
 
 def vnc_auth_response(password: str, challenge: bytes) -> bytes:
@@ -99,21 +102,39 @@ class _XvncProcess(ProcessProtocol):
 
 
 class Xvnc:
-    """A TigerVNC ``Xvnc`` on 127.0.0.1 with VncAuth, as a VM runs it (white root window)."""
+    """A TigerVNC ``Xvnc`` on 127.0.0.1 with VncAuth, as a VM runs it (white root window).
 
-    def __init__(self, reactor: Any, directory: str, port: int, password: str = "secret12") -> None:
+    ``view_password``: the file's second line, the operator's view-only password, as the guest
+    agent writes it; :meth:`passwords` rewrites the file (Xvnc reads it at every login).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        directory: str,
+        port: int,
+        password: str = "secret12",
+        view_password: str | None = None,
+    ) -> None:
         self.reactor = reactor
         self.port = port
         self.password = password
+        self.view_password = view_password
         self.display = -1
         self._directory = directory
         self._process = _XvncProcess()
 
+    def passwords(self, password: str, view_password: str | None) -> None:
+        self.password, self.view_password = password, view_password
+        passwd = os.path.join(self._directory, "passwd")
+        with open(passwd + ".new", "wb") as f:
+            f.write(vnc_password_file(password, view_password))
+        os.replace(passwd + ".new", passwd)
+
     async def start(self, geometry: str = "320x200") -> None:
         os.makedirs(self._directory, exist_ok=True)
         passwd = os.path.join(self._directory, "passwd")
-        with open(passwd, "wb") as f:
-            f.write(vnc_password_file(self.password))
+        self.passwords(self.password, self.view_password)
         assert XVNC is not None
         argv = [
             XVNC, "-displayfd", "1", "-rfbport", str(self.port), "-SecurityTypes", "VncAuth",
@@ -227,6 +248,25 @@ async def rfb_handshake(pipe: WsPipe, password: str) -> tuple[int, int]:
     pixel_format = struct.pack("!BBBBHHHBBBxxx", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
     pipe.sendMessage(b"\x00\x00\x00\x00" + pixel_format, isBinary=True)
     pipe.sendMessage(struct.pack("!BxHi", 2, 1, 0), isBinary=True)  # Raw encoding only
+    return width, height
+
+
+async def operator_handshake(pipe: WsPipe) -> tuple[int, int]:
+    """The operator's opening through the relay: RFB 3.8, security None (the relay logged in to the
+    VM itself), ClientInit; then the same pixel format and encodings as :func:`rfb_handshake`."""
+    assert await pipe.read(12) == b"RFB 003.008\n"
+    pipe.sendMessage(b"RFB 003.008\n", isBinary=True)
+    assert await pipe.read(2) == b"\x01\x01"  # one security type: None
+    pipe.sendMessage(b"\x01", isBinary=True)
+    assert struct.unpack("!I", await pipe.read(4)) == (0,)
+    pipe.sendMessage(b"\x00", isBinary=True)  # asks for exclusive access: the relay makes it shared
+    width, height = struct.unpack("!HH", await pipe.read(4))
+    await pipe.read(16)
+    (name_length,) = struct.unpack("!I", await pipe.read(4))
+    await pipe.read(name_length)
+    pixel_format = struct.pack("!BBBBHHHBBBxxx", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
+    pipe.sendMessage(b"\x00\x00\x00\x00" + pixel_format, isBinary=True)
+    pipe.sendMessage(struct.pack("!BxHi", 2, 1, 0), isBinary=True)
     return width, height
 
 

@@ -6,7 +6,16 @@ import struct
 
 import pytest
 
-from vmcloud.console.rfb import EXTENDED_MOUSE_BUTTONS, RfbViolation, ViewOnlyFilter
+from tests.console.support import vnc_auth_response  # written apart from the code under test
+from vmcloud.console.rfb import (
+    EXTENDED_MOUSE_BUTTONS,
+    OPERATOR_VERSION,
+    OperatorOpening,
+    RfbError,
+    RfbViolation,
+    ViewOnlyFilter,
+    VncLogin,
+)
 
 SERVER_HELLO = b"RFB 003.008\n" + bytes([2, 2, 19])  # offers VncAuth and VeNCrypt
 CLIENT_HANDSHAKE = b"RFB 003.008\n" + bytes([2]) + b"R" * 16 + bytes([1])
@@ -153,3 +162,56 @@ def test_unfollowable_streams_are_refused(server: bytes, client: bytes) -> None:
         f.from_server(server)
         f.from_client(client)
         f.from_server(b"")
+
+
+# ---------------------------------------------------------------------- the operator's opening
+
+CHALLENGE = bytes(range(16, 32))
+LOGIN = b"RFB 003.008\n" + b"\x01\x02" + CHALLENGE + struct.pack("!I", 0)
+
+
+@pytest.mark.parametrize(
+    ("version", "greeting"),
+    [
+        (b"RFB 003.008\n", b"\x01\x01" + b"\0\0\0\0"),  # None offered, then SecurityResult OK
+        (b"RFB 003.007\n", b"\x01\x01"),  # 3.7: no SecurityResult for None
+        (b"RFB 003.003\n", struct.pack("!I", 1)),  # 3.3: the server chooses None
+    ],
+)
+def test_operator_opening_for_each_viewer_version(version: bytes, greeting: bytes) -> None:
+    opening = OperatorOpening("op-view1")
+    to_vm, to_viewer = opening.from_vm(LOGIN)
+    assert to_vm == b"RFB 003.008\n\x02" + vnc_auth_response("op-view1", CHALLENGE)
+    assert to_viewer == OPERATOR_VERSION
+    choice = b"" if version == b"RFB 003.003\n" else b"\x01"
+    heard = [opening.from_viewer(bytes([b])) for b in version + choice + b"\x00" + b"\x03"]
+    assert b"".join(viewer for _, viewer in heard) == greeting
+    assert b"".join(vm for vm, _ in heard) == b"\x01"  # ClientInit, shared
+    assert opening.done and opening.rest() == b"\x03"  # the next message's first byte, for the filter
+
+
+def test_operator_opening_refusals() -> None:
+    refused = OperatorOpening("op-view1")
+    with pytest.raises(RfbError, match="refused the password: no"):
+        refused.from_vm(b"RFB 003.008\n\x01\x02" + CHALLENGE + struct.pack("!II", 1, 2) + b"no")
+    chatty = OperatorOpening("op-view1")
+    with pytest.raises(RfbViolation, match="too much"):
+        chatty.from_viewer(b"x" * 2000)  # before the login is over nothing is read, but kept bounded
+    bad_version = OperatorOpening("op-view1")
+    bad_version.from_vm(LOGIN)
+    with pytest.raises(RfbViolation, match="not an RFB version"):
+        bad_version.from_viewer(b"GET / HTTP/1.1\r\n")
+
+
+def test_vnc_login_with_security_none_and_leftover() -> None:
+    login = VncLogin(None)
+    assert login.feed(b"RFB 003.007\n\x01\x01") == b"RFB 003.007\n\x01"
+    assert login.done and login.rest() == b""
+
+
+def test_a_filter_past_the_opening_starts_at_the_messages() -> None:
+    follower = ViewOnlyFilter.past_opening()
+    key = struct.pack("!BBxxI", 4, 1, 0x61)
+    update = struct.pack("!BBHHHH", 3, 1, 0, 0, 8, 6)
+    assert follower.server_done
+    assert follower.from_client(key + update) == update

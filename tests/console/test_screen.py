@@ -228,7 +228,7 @@ class ScreenRouteTests(SynchronousTestCase):
             ConsoleFactory(clock=self.clock, dial=self._dial, registry=AccessRegistry(), timeouts=False),
             gate,
             resolve_handle=lambda _: None,
-            resolve_vm=lambda vmid: Target(vm_key(vmid), "127.0.0.1", 1, vmid),
+            resolve_vm=lambda vmid: Target(vm_key(vmid), "127.0.0.1", 1, vmid, PASSWORD),
             screen=screen,
         )
 

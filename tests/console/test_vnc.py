@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.console.support import WsPipe
+from tests.console.support import WsPipe, vnc_auth_response
 from vmcloud.api.errors import ApiError
 from vmcloud.console.gate import Gate
 from vmcloud.console.registry import AccessRegistry
@@ -30,6 +30,7 @@ from vmcloud.console.vnc import (
 )
 
 HELLO = b"RFB 003.008\n"
+OPERATOR_PASSWORD = "op-view1"
 
 
 class FakeVnc(Protocol):
@@ -57,6 +58,7 @@ class Harness:
         self.servers: list[FakeVnc] = []
         self.pumps: list[IOPump] = []
         self.targets = {"H1": Target(handle_key("H1"), "10.0.0.5", 5900, "vm1")}
+        self.operator_password: str | None = OPERATOR_PASSWORD
         factory = ConsoleFactory(clock=self.clock, dial=self.dial, registry=self.registry, timeouts=False)
         root = Resource()
         root.putChild(
@@ -65,7 +67,7 @@ class Harness:
                 factory,
                 Gate(token=token, cors_origins=origins),
                 resolve_handle=self.resolve,
-                resolve_vm=lambda vmid: Target(vm_key(vmid), "10.0.0.5", 5900, vmid),
+                resolve_vm=lambda vmid: Target(vm_key(vmid), "10.0.0.5", 5900, vmid, self.operator_password),
                 max_per_key=2,
             ),
         )
@@ -277,3 +279,93 @@ class RefusalTests(SynchronousTestCase):
         for headers in cases:
             status, body = self._get(h, b"/console/H1", headers)
             assert (status, body["error"]) == (400, "bad-handshake"), (headers, body)
+
+
+class OperatorConsoleTests(SynchronousTestCase):
+    """``/console/vm/{vmid}``: the relay logs in to the VM itself and lets the browser in with None."""
+
+    CHALLENGE = bytes(range(16))
+
+    def _logged_in(self, h: Harness, path: str = "/console/vm/vm1?token=tok") -> tuple[WsPipe, FakeVnc]:
+        """A viewer whose relay went through the VM's VncAuth, the server's bytes one at a time."""
+        pipe = h.open(path)
+        assert self.successResultOf(pipe.opened) is None
+        (vnc,) = h.servers
+        server_said = HELLO + b"\x01\x02" + self.CHALLENGE + struct.pack("!I", 0)
+        for i, byte in enumerate(server_said):
+            vnc.transport.write(bytes([byte]))
+            h.flush()
+            if i < len(server_said) - 1:
+                assert bytes(pipe.received) == b"", f"the browser heard something at byte {i} of the login"
+            if i == 11:
+                assert vnc.received == HELLO
+            if i == 13:
+                assert vnc.received == HELLO + b"\x02"  # VncAuth chosen
+        assert vnc.received == HELLO + b"\x02" + vnc_auth_response(OPERATOR_PASSWORD, self.CHALLENGE)
+        return pipe, vnc
+
+    def test_login_then_security_none_byte_by_byte(self) -> None:
+        h = Harness()
+        pipe, vnc = self._logged_in(h)
+        login = bytes(vnc.received)
+        h.flush()
+        assert bytes(pipe.received) == HELLO  # the login is over: the browser is greeted
+        for byte in HELLO:
+            pipe.sendMessage(bytes([byte]), isBinary=True)
+            h.flush()
+        assert bytes(pipe.received) == HELLO + b"\x01\x01"  # one security type: None
+        pipe.sendMessage(b"\x01", isBinary=True)
+        h.flush()
+        assert bytes(pipe.received) == HELLO + b"\x01\x01" + b"\0\0\0\0"  # SecurityResult OK (3.8)
+        assert vnc.received == login  # nothing of the browser's opening reached the VM
+        pipe.sendMessage(b"\x00", isBinary=True)  # ClientInit, exclusive
+        h.flush()
+        assert vnc.received == login + b"\x01"  # made shared: an operator never pushes a worker out
+        server_init = struct.pack("!HH16sI", 8, 6, b"\0" * 16, 3) + b"vm1"
+        vnc.transport.write(server_init)
+        h.flush()
+        assert bytes(pipe.received).endswith(server_init)
+        key = struct.pack("!BBxxI", 4, 1, 0x61)
+        pointer = struct.pack("!BBHH", 5, 1, 3, 4)
+        update = struct.pack("!BBHHHH", 3, 1, 0, 0, 8, 6)
+        for byte in key + update + pointer + update:
+            pipe.sendMessage(bytes([byte]), isBinary=True)
+        h.flush()
+        assert vnc.received == login + b"\x01" + update + update  # the operator's input never arrives
+        assert OPERATOR_PASSWORD.encode() not in bytes(pipe.received)
+
+    def test_always_view_only(self) -> None:
+        h = Harness()
+        pipe, vnc = self._logged_in(h, "/console/vm/vm1?token=tok&view_only=0")
+        login = bytes(vnc.received)
+        pipe.sendMessage(HELLO + b"\x01\x01" + struct.pack("!BBHH", 5, 1, 3, 4), isBinary=True)
+        h.flush()
+        assert vnc.received == login + b"\x01"
+
+    def test_a_refused_login_closes_before_the_browser_hears_rfb(self) -> None:
+        h = Harness()
+        pipe = h.open("/console/vm/vm1?token=tok")
+        (vnc,) = h.servers
+        reason = b"Authentication failure"
+        refusal = struct.pack("!II", 1, len(reason)) + reason
+        vnc.transport.write(HELLO + b"\x01\x02" + self.CHALLENGE + refusal)
+        h.flush()
+        assert bytes(pipe.received) == b""
+        assert pipe.close_code == CLOSE_VNC_GONE
+        _, text = self.successResultOf(pipe.closed)
+        assert "refused the controller's login" in (text or ""), text
+        assert vnc.lost and h.registry.total == 0
+
+    def test_the_browser_may_choose_none_only(self) -> None:
+        h = Harness()
+        pipe, _ = self._logged_in(h)
+        pipe.sendMessage(HELLO + b"\x02", isBinary=True)
+        h.flush()
+        assert pipe.close_code == CLOSE_POLICY
+
+    def test_no_login_for_the_vm_is_a_refusal(self) -> None:
+        h = Harness()
+        h.operator_password = None
+        pipe = h.open("/console/vm/vm1?token=tok")
+        assert "409" in str(self.failureResultOf(pipe.opened).value)
+        assert h.dials == []

@@ -20,7 +20,17 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.console.support import XDOTOOL, XVNC, WsPipe, Xvnc, open_ws, read_frame, rfb_handshake, wait_until
+from tests.console.support import (
+    XDOTOOL,
+    XVNC,
+    WsPipe,
+    Xvnc,
+    open_ws,
+    operator_handshake,
+    read_frame,
+    rfb_handshake,
+    wait_until,
+)
 from tests.integration.conftest import free_port
 from vmcloud.console.gate import Gate
 from vmcloud.console.registry import AccessRegistry
@@ -28,6 +38,8 @@ from vmcloud.console.targets import Target, handle_key, vm_key
 from vmcloud.console.vnc import CLOSE_ACCESS_ENDED, ConsoleFactory, ConsoleResource
 
 pytestmark = pytest.mark.skipif(XVNC is None or XDOTOOL is None, reason="needs Xvnc and xdotool")
+#: The operator's view-only password, the password file's second line (as the guest agent writes it).
+VIEW = "op-view1"
 
 
 def dial(target: Target, protocol: Protocol) -> Deferred[Any]:
@@ -41,7 +53,7 @@ class ConsoleProxyTests(TestCase):
         return ensureDeferred(self._set_up())
 
     async def _set_up(self) -> None:
-        self.xvnc = Xvnc(reactor, self.mktemp(), free_port())
+        self.xvnc = Xvnc(reactor, self.mktemp(), free_port(), view_password=VIEW)
         await self.xvnc.start()
         self.addCleanup(lambda: ensureDeferred(self.xvnc.stop()))
         self.registry = AccessRegistry()
@@ -54,7 +66,7 @@ class ConsoleProxyTests(TestCase):
                 factory,
                 Gate(token="admin-secret", cors_origins=["https://app.example"]),
                 resolve_handle=self._resolve,
-                resolve_vm=lambda vmid: Target(vm_key(vmid), "127.0.0.1", self.xvnc.port, vmid),
+                resolve_vm=lambda vmid: Target(vm_key(vmid), "127.0.0.1", self.xvnc.port, vmid, VIEW),
             ),
         )
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(root))
@@ -123,8 +135,13 @@ class ConsoleProxyTests(TestCase):
         async def run() -> None:
             with pytest.raises(ConnectionError):
                 await self._open("/console/vm/vm1?view_only=1")
-            pipe = await self._open("/console/vm/vm1?view_only=1&token=admin-secret")
-            await rfb_handshake(pipe, self.xvnc.password)
+            pipe = await self._open("/console/vm/vm1?token=admin-secret")
+            size = await operator_handshake(pipe)  # the relay logged in with the view-only password
+            assert (await read_frame(pipe, *size))[:3] == b"\xff\xff\xff"
+            before = self.xvnc.pointer()
+            pipe.sendMessage(struct.pack("!BBHH", 5, 0, 101, 57), isBinary=True)
+            await read_frame(pipe, *size)  # a round trip after the pointer event
+            assert self.xvnc.pointer() == before
             self.registry.vm_ended("vm1", "VM died")
             code, _ = await pipe.closed
             assert code == CLOSE_ACCESS_ENDED

@@ -233,6 +233,7 @@ class FakeStack:
         self.stopped = False
         self.passwords: list[str | None] = []
         self.disconnects = 0
+        self.view_password = "view-pw1"
 
     @property
     def browser(self) -> FakeChromium:

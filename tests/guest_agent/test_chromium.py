@@ -69,6 +69,8 @@ class SpareWindowTests(Harness):
         self.assertTrue(verifyObject(IBrowserStack, self.stack))
         self.assertTrue(verifyObject(IBrowser, self.browser))
         self.assertEqual(self.browser.capabilities, ("cdp", "vnc", "audio"))
+        # what HELLO tells of the operator's view: the stack's VNC port and view-only password
+        self.assertEqual(self.browser.vnc_view, (5900, "view-pw1"))
 
     def test_a_started_browser_waits_with_a_spare_window_watched(self) -> None:
         chromium = self.start()

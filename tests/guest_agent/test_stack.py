@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from guest_agent.stack import (
+    BrowserStack,
     StackError,
     StackPrograms,
     claim_run_dir,
@@ -178,6 +180,31 @@ class ArgvTests(SynchronousTestCase):
         no_setpriv = StackPrograms("/x", "/c", None, None, None)
         self.assertRaises(StackError, guarded, no_setpriv, ["/bin/true"], (1, 1))
         self.assertEqual(guarded(no_setpriv, ["/bin/true"]), ["/bin/true"])
+
+    def test_the_view_only_password_is_the_files_second_eight_bytes(self) -> None:
+        # as ``vncpasswd -f`` writes two passwords; Xvnc reading it: tests/console/test_view_only_live.py
+        both = vnc_password_file("secret12", "viewpw34")
+        self.assertEqual(both, vnc_password_file("secret12") + vnc_password_file("viewpw34"))
+
+    def test_revoking_keeps_the_view_only_password_and_tells_nobody_the_first(self) -> None:
+        stack = BrowserStack(Clock(), PROGRAMS, vnc_host="127.0.0.1")
+        stack.run_dir = self.mktemp()
+        os.makedirs(stack.run_dir)
+        path = Path(stack.run_dir, "vnc-passwd")
+        view = stack.view_password
+        self.assertEqual(len(view), 8)
+        self.assertNotIn("\0", view)
+        self.assertNotEqual(view, BrowserStack(Clock(), PROGRAMS, vnc_host="127.0.0.1").view_password)
+        stack.set_vnc_password("secret12")
+        self.assertEqual(path.read_bytes(), vnc_password_file("secret12", view))
+        self.assertEqual(path.stat().st_mode & 0o777, 0o600)
+        stack.set_vnc_password(None)
+        revoked = path.read_bytes()
+        self.assertEqual(revoked[8:], vnc_password_file(view))
+        # the first password is neither the session's nor the empty one (which anyone could use)
+        self.assertNotIn(revoked[:8], (vnc_password_file("secret12"), vnc_password_file("")))
+        stack.set_vnc_password(None)
+        self.assertNotEqual(path.read_bytes()[:8], revoked[:8])  # a fresh unknown one each time
 
     def test_vnc_password_file_is_eight_bytes_or_empty(self) -> None:
         # Xvnc reading it is proven end to end (tests/integration/test_browser_vm.py: vncdo logs in)

@@ -192,9 +192,14 @@ def _console_paths() -> dict[str, Any]:
         },
         "/console/vm/{vmid}": {
             "get": _operation(
-                "The operator's view of any live VM's screen (the monitor), as /console/{handle}. Browsers "
-                "cannot set headers on a WebSocket: the admin token is also taken as `?token=` or the "
-                "cookie `vmcloud_token`." + _WS_HANDSHAKE + _CLOSE_CODES,
+                "The operator's view of any live VM's screen (the monitor), view only whatever `view_only` "
+                "says: the controller logs in to the VM's VNC server itself (with the operator's view-only "
+                "password the VM's guest said in HELLO, so FREE VMs too; the session's for older guests), "
+                "then speaks RFB 3.8 with security type None to the browser, whose input it drops: no "
+                "password in the operator's page. Browsers cannot set headers on a WebSocket: the admin "
+                "token is also taken as `?token=` or the cookie `vmcloud_token`."
+                + _WS_HANDSHAKE
+                + _CLOSE_CODES,
                 {
                     **_SWITCHING,
                     **_refusals(
@@ -203,7 +208,9 @@ def _console_paths() -> dict[str, Any]:
                         _403=_ORIGIN,
                         _404="No live VM of that id (code unknown-vm).",
                         _405=_METHOD,
-                        _409="The VM's guest said it has no VNC server (code no-vnc).",
+                        _409="The VM's guest said it has no VNC server (code no-vnc), or the controller has "
+                        "no login to it now: an older guest's VM that is neither READY nor OCCUPIED "
+                        "(no-session).",
                         _426=_UPGRADE,
                         _429="Already 8 viewers of this VM (code too-many-viewers).",
                         _503="The controller serves as many viewers as it may (too-many-viewers), or "
@@ -227,8 +234,9 @@ def _console_paths() -> dict[str, Any]:
         "/console/vm/{vmid}/screen.png": {
             "get": _operation(
                 "A still of a VM's screen as a PNG (the monitor's thumbnails): the controller logs in to the "
-                "VM's VNC server with the session password, takes one full frame and scales it down to "
-                "`width` (never up). Only READY and OCCUPIED VMs have a session. At most 4 captures run at "
+                "VM's VNC server with the operator's view-only password (any state; the session's for "
+                "older guests), takes one full frame and scales it down to "
+                "`width` (never up). At most 4 captures run at "
                 "once and 16 wait; each has 5 s. The admin token as for /console/vm/{vmid} (header, "
                 "`?token=` or the cookie `vmcloud_token`).",
                 {
@@ -242,7 +250,8 @@ def _console_paths() -> dict[str, Any]:
                         _403=_ORIGIN,
                         _404="No live VM of that id (unknown-vm), or its guest has no VNC server (no-vnc).",
                         _405=_METHOD,
-                        _409="No screen session now: the VM is neither READY nor OCCUPIED (no-session).",
+                        _409="No login to the VM's screen now: its guest said no view-only password and the "
+                        "VM is neither READY nor OCCUPIED (no-session).",
                         _502="The VM's VNC server cannot be reached (vnc-unreachable) or refused the session "
                         "or spoke what a capture cannot follow (vnc-error).",
                         _503="No frame within 5 s (vnc-timeout), or 4 captures run and 16 wait "

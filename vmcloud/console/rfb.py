@@ -1,4 +1,15 @@
-"""What a view-only console viewer may say to a VNC server: RFB client messages, input removed.
+"""The sans-IO RFB parts of the console: the view-only filter, and the controller's own logins.
+
+* :class:`ViewOnlyFilter` follows a viewer's stream and removes its input (below);
+* :class:`VncLogin` is the client half of an RFB opening, up to the SecurityResult: the controller
+  logging in to a VM's VNC server itself, with the operator's view-only password (or the session's),
+  for the monitor's stills (:mod:`vmcloud.console.screen`) and the operator's console;
+* :class:`OperatorOpening` is both halves of the operator's console: the relay logs in to the VM
+  with :class:`VncLogin`, then opens RFB 3.8 to the operator's browser with security type None, so
+  no password ever reaches the operator's page, and the browser's stream goes through a
+  :class:`ViewOnlyFilter` from its first message on.
+
+What a view-only console viewer may say to a VNC server: RFB client messages, input removed.
 
 ``?view_only=1`` must hold whatever the viewer's page does (a worker's own noVNC can be told to
 send keys anyway), so the controller itself drops the input.  RFB has no message framing: each
@@ -23,6 +34,9 @@ depending on what the server answered.
 from __future__ import annotations
 
 import struct
+
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
 #: Security types whose client half has a known length: None (no bytes), VncAuth (16 bytes).
 SECURITY_NONE = 1
@@ -63,6 +77,10 @@ class RfbViolation(Exception):
     """The viewer's stream cannot be followed (or is not RFB): the relay must close it."""
 
 
+class RfbError(Exception):
+    """The VNC server said no (login refused, a failure reason) or spoke what we cannot follow."""
+
+
 class ViewOnlyFilter:
     """Follows one RFB connection and removes the viewer's input from it.
 
@@ -95,6 +113,15 @@ class ViewOnlyFilter:
         self.server_done = False
         #: Input messages removed so far (for logs and tests).
         self.dropped = 0
+
+    @classmethod
+    def past_opening(cls) -> ViewOnlyFilter:
+        """A filter for a stream whose opening (version, security, ClientInit) someone else followed:
+        the viewer's first byte is the first byte of a client message."""
+        follower = cls()
+        follower._client_step = "messages"
+        follower.server_done = True
+        return follower
 
     # ------------------------------------------------------------------ server -> viewer
 
@@ -274,3 +301,232 @@ class ViewOnlyFilter:
         here = min(length, len(buf))
         del buf[:here]
         self._discard = length - here
+
+
+# ---------------------------------------------------------------------- the controller's own logins
+
+
+def vnc_auth_response(password: str, challenge: bytes) -> bytes:
+    """VncAuth (RFC 6143 7.2.2): the challenge encrypted with DES, keyed by the password's first
+    8 bytes with each byte's bits reversed (the historical VNC quirk)."""
+    key = bytes(int(f"{b:08b}"[::-1], 2) for b in password.encode("utf-8")[:8].ljust(8, b"\0"))
+    encryptor = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()
+    return encryptor.update(challenge) + encryptor.finalize()
+
+
+class VncLogin:
+    """The client half of an RFB opening, up to a SecurityResult that says OK.
+
+    Call :meth:`feed` with what the server sent and send what it returns, until :attr:`done`;
+    :meth:`rest` then gives what the server sent past the SecurityResult.  Versions 3.3, 3.7 and
+    3.8, security None and VncAuth (with ``password``; without one, None only).  Raises
+    :class:`RfbError` saying why the server cannot be logged in to.  The ClientInit is the caller's.
+    """
+
+    def __init__(self, password: str | None) -> None:
+        self._password = password
+        self._buffer = bytearray()
+        self._step = "version"
+        self.version = 3.8
+        self.done = False
+
+    def rest(self) -> bytes:
+        """The server's bytes past the SecurityResult (taken once)."""
+        rest = bytes(self._buffer)
+        self._buffer = bytearray()
+        return rest
+
+    def feed(self, data: bytes) -> bytes:
+        self._buffer += data
+        out = bytearray()
+        while not self.done and self._advance(out):
+            pass
+        return bytes(out)
+
+    def _need(self, count: int) -> bytes | None:
+        if len(self._buffer) < count:
+            return None
+        taken = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        return taken
+
+    def _reason(self, what: str) -> bool:
+        """A failure reason (u32 length, text) follows; raise it once it is all here."""
+        if len(self._buffer) < 4:
+            return False
+        (length,) = struct.unpack_from("!I", self._buffer)
+        if len(self._buffer) < 4 + min(length, 1024):
+            return False
+        text = bytes(self._buffer[4 : 4 + min(length, 1024)]).decode("utf-8", "replace")
+        raise RfbError(f"{what}: {text}")
+
+    def _advance(self, out: bytearray) -> bool:
+        """Take one step of the opening; False when it waits for more bytes."""
+        step = self._step
+        if step == "version":
+            got = self._need(12)
+            if got is None:
+                return False
+            if not got.startswith(b"RFB ") or not got.endswith(b"\n"):
+                raise RfbError(f"not a VNC server (it said {got!r})")
+            try:
+                major, minor = int(got[4:7]), int(got[8:11])
+            except ValueError:
+                raise RfbError(f"not a VNC server (it said {got!r})") from None
+            self.version = 3.8 if (major, minor) >= (3, 8) else 3.7 if (major, minor) >= (3, 7) else 3.3
+            out += {3.8: b"RFB 003.008\n", 3.7: b"RFB 003.007\n", 3.3: b"RFB 003.003\n"}[self.version]
+            self._step = "security" if self.version >= 3.7 else "security-3.3"
+            return True
+        if step == "security":
+            if not self._buffer:
+                return False
+            count = self._buffer[0]
+            if count == 0:
+                if len(self._buffer) < 5:
+                    return False
+                del self._buffer[:1]
+                return self._reason("the VNC server refused the connection")
+            offered = self._need(1 + count)
+            if offered is None:
+                return False
+            chosen = self._choose(offered[1:])
+            out.append(chosen)
+            self._after_security(chosen)
+            return True
+        if step == "security-3.3":
+            got = self._need(4)
+            if got is None:
+                return False
+            (chosen,) = struct.unpack("!I", got)
+            if chosen == 0:
+                self._step = "failed"
+                return True
+            self._choose(bytes([chosen]) if chosen < 256 else b"")
+            self._after_security(chosen)
+            return True
+        if step == "failed":
+            return self._reason("the VNC server refused the connection")
+        if step == "challenge":
+            challenge = self._need(16)
+            if challenge is None:
+                return False
+            out += vnc_auth_response(self._password or "", challenge)
+            self._step = "result"
+            return True
+        if step == "result":
+            got = self._need(4)
+            if got is None:
+                return False
+            if struct.unpack("!I", got)[0] != 0:
+                if self.version >= 3.8:
+                    self._step = "refused"
+                    return True
+                raise RfbError("the VNC server refused the password")
+            self.done = True
+            return False
+        if step == "refused":
+            return self._reason("the VNC server refused the password")
+        raise AssertionError(step)  # pragma: no cover
+
+    def _choose(self, offered: bytes) -> int:
+        if self._password is not None and SECURITY_VNC_AUTH in offered:
+            return SECURITY_VNC_AUTH
+        if SECURITY_NONE in offered:
+            return SECURITY_NONE
+        if SECURITY_VNC_AUTH in offered:
+            raise RfbError("the VNC server wants a password and the controller has none for this VM now")
+        raise RfbError(f"the VNC server offers only security types {list(offered)}")
+
+    def _after_security(self, chosen: int) -> None:
+        if chosen == SECURITY_VNC_AUTH:
+            self._step = "challenge"
+        elif self.version >= 3.8:
+            self._step = "result"  # 3.8 answers a SecurityResult for None too
+        else:
+            self._buffer[:0] = b"\0\0\0\0"  # 3.3 and 3.7 do not: as if it said OK
+            self._step = "result"
+
+
+#: What the relay says to the operator's browser first: RFB 3.8 (noVNC answers 3.8).
+OPERATOR_VERSION = b"RFB 003.008\n"
+#: The most a viewer may send before its opening is over (a version, a choice, a ClientInit: 14).
+MAX_OPENING = 1024
+
+
+class OperatorOpening:
+    """The operator's console opening: the relay logs in to the VM, then lets the browser in.
+
+    1. :meth:`from_vm` follows the :class:`VncLogin` (the operator's password, never sent to the
+       browser); until it is over the browser hears nothing.
+    2. Then the browser is greeted as a VNC server would: ``RFB 003.008``, security type None only
+       (3.3 and 3.7 viewers are followed too), a SecurityResult OK; its ClientInit goes on to the
+       VM as *shared* whatever it said, so an operator watching never pushes a worker out.
+    3. :attr:`done`: from then on the VM's bytes pass as they come and the browser's go through
+       :meth:`ViewOnlyFilter.past_opening`; :meth:`rest` gives the browser's bytes past its ClientInit.
+
+    Both feeding methods return ``(to_vm, to_viewer)``.  :class:`RfbError`: the VM refused the
+    login; :class:`RfbViolation`: the browser did not speak an opening this relay follows.
+    """
+
+    def __init__(self, password: str) -> None:
+        self._login = VncLogin(password)
+        self._viewer = bytearray()
+        self._step = "login"
+        self._version: float | None = None
+        self.done = False
+
+    def rest(self) -> bytes:
+        """The browser's bytes past its ClientInit (taken once): client messages, to be filtered."""
+        rest = bytes(self._viewer)
+        self._viewer = bytearray()
+        return rest
+
+    def from_vm(self, data: bytes) -> tuple[bytes, bytes]:
+        if self._step != "login":
+            # the VM speaks after the ClientInit only; anything earlier waits for the browser's turn
+            raise RfbError("the VNC server spoke out of turn after the login")
+        to_vm = self._login.feed(data)
+        if not self._login.done:
+            return to_vm, b""
+        if self._login.rest():
+            raise RfbError("the VNC server spoke out of turn after the login")
+        self._step = "version"
+        _, to_viewer = self.from_viewer(b"")
+        return to_vm, OPERATOR_VERSION + to_viewer
+
+    def from_viewer(self, data: bytes) -> tuple[bytes, bytes]:
+        buf = self._viewer
+        buf += data
+        to_vm, to_viewer = bytearray(), bytearray()
+        while not self.done and self._step != "login":
+            if self._step == "version":
+                if len(buf) < 12:
+                    break
+                self._version = _VERSIONS.get(bytes(buf[:12]))
+                if self._version is None:
+                    raise RfbViolation(f"not an RFB version the relay follows: {bytes(buf[:12])!r}")
+                del buf[:12]
+                if self._version >= 3.7:
+                    to_viewer += bytes((1, SECURITY_NONE))
+                    self._step = "security"
+                else:
+                    to_viewer += struct.pack("!I", SECURITY_NONE)
+                    self._step = "init"
+            elif self._step == "security":
+                if not buf:
+                    break
+                if buf[0] != SECURITY_NONE:
+                    raise RfbViolation(f"the viewer chose security type {buf[0]}; only None (1) is offered")
+                del buf[:1]
+                if self._version == 3.8:
+                    to_viewer += struct.pack("!I", 0)  # SecurityResult: OK
+                self._step = "init"
+            else:  # ClientInit: shared, whatever the browser asked
+                if not buf:
+                    break
+                del buf[:1]
+                to_vm += b"\x01"
+                self.done = True
+        if not self.done and len(buf) > MAX_OPENING:
+            raise RfbViolation("too much said before the console's opening was over")
+        return bytes(to_vm), bytes(to_viewer)

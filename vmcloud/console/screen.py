@@ -3,7 +3,8 @@
 The operator's monitor shows a small live picture of every VM on screen, refreshed every few
 seconds.  Each picture is one short RFB conversation the controller holds itself: it dials the
 VM's VNC server as the console relay does (the address the cloud reports, never one a guest
-names), logs in with the session's VncAuth password, asks one full framebuffer update in Raw
+names), logs in with the operator's view-only VncAuth password (the one the VM's guest said in its
+HELLO; the session's for a guest too old to say one), asks one full framebuffer update in Raw
 encoding (32-bit true colour), hangs up, scales the frame down (nearest pixel) and answers it as
 a PNG made with :mod:`zlib` and :mod:`struct`.  No image library is needed.
 
@@ -19,8 +20,9 @@ a PNG made with :mod:`zlib` and :mod:`struct`.  No image library is needed.
   (header, ``?token=`` or the cookie), then JSON refusals in the API's shape (404 unknown VM or no
   VNC, 409 no session, 502 the VNC server failed, 503 busy or timed out), never a traceback.
 
-A VM has a VNC session only while it is READY or OCCUPIED: at cleanup its password is revoked
-(SPEC), and a FREE VM's screen is then nobody's to see, the controller's included.
+The view-only password lives as long as the guest agent, so a FREE VM's screen shows too, while a
+worker's session password still dies at cleanup (SPEC).  A VM whose guest said no view-only
+password has a screen only while it has a session (READY, OCCUPIED): otherwise 409.
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import attrs
-from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -45,6 +45,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from vmcloud.api.errors import ApiError
 from vmcloud.console.gate import Gate, refuse
+from vmcloud.console.rfb import RfbError, VncLogin
 from vmcloud.console.targets import Target
 
 log = Logger(namespace="vmcloud.console")
@@ -64,17 +65,11 @@ MAX_PIXELS = 4096 * 4096
 _RAW = 0
 #: 32 bits per pixel, depth 24, little-endian, true colour, red at bit 0: pixels arrive as R, G, B, X.
 _PIXEL_FORMAT = struct.pack("!BBBBHHHBBBxxx", 32, 24, 0, 1, 255, 255, 255, 0, 8, 16)
-_SECURITY_NONE = 1
-_SECURITY_VNC_AUTH = 2
 
-#: Resolves a vmid to the VM's VNC server (with the session's password), or raises ApiError.
+#: Resolves a vmid to the VM's VNC server and the password the controller logs in with, or raises ApiError.
 ResolveScreen = Callable[[str], Target]
 #: Dials a VM's server: connects ``protocol`` to ``target``, firing when connected.
 Dial = Callable[[Target, Protocol], "Deferred[Any]"]
-
-
-class RfbError(Exception):
-    """The VNC server said no (login refused, a failure reason) or spoke what we cannot follow."""
 
 
 @attrs.frozen
@@ -86,27 +81,19 @@ class Frame:
     pixels: bytes = attrs.field(repr=False)
 
 
-def vnc_auth_response(password: str, challenge: bytes) -> bytes:
-    """VncAuth (RFC 6143 7.2.2): the challenge encrypted with DES, keyed by the password's first
-    8 bytes with each byte's bits reversed (the historical VNC quirk)."""
-    key = bytes(int(f"{b:08b}"[::-1], 2) for b in password.encode("utf-8")[:8].ljust(8, b"\0"))
-    encryptor = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()
-    return encryptor.update(challenge) + encryptor.finalize()
-
-
 class ScreenGrab:
     """One RFB conversation that ends with one full frame.
 
     Call :meth:`feed` with what the server sent and send what it returns; when :attr:`frame` is
-    set the conversation is over.  :class:`RfbError` says why it cannot go on.  The client asks
-    only Raw encoding, so every rectangle of the update is plain pixels.
+    set the conversation is over.  :class:`RfbError` says why it cannot go on.  The opening is a
+    :class:`~vmcloud.console.rfb.VncLogin`; the client asks only Raw encoding, so every rectangle
+    of the update is plain pixels.
     """
 
     def __init__(self, password: str | None) -> None:
-        self._password = password
+        self._login = VncLogin(password)
         self._buffer = bytearray()
-        self._step = "version"
-        self._version = 3.8
+        self._step = "init"
         self._rects = 0
         self._pixels = bytearray()
         self.width = 0
@@ -114,8 +101,14 @@ class ScreenGrab:
         self.frame: Frame | None = None
 
     def feed(self, data: bytes) -> bytes:
-        self._buffer += data
         out = bytearray()
+        if not self._login.done:
+            out += self._login.feed(data)
+            if not self._login.done:
+                return bytes(out)
+            data = self._login.rest()
+            out += b"\x01"  # ClientInit: shared, so the worker's own viewer stays connected
+        self._buffer += data
         while self.frame is None and self._advance(out):
             pass
         return bytes(out)
@@ -127,83 +120,9 @@ class ScreenGrab:
         del self._buffer[:count]
         return taken
 
-    def _reason(self, what: str) -> bool:
-        """A failure reason (u32 length, text) follows; raise it once it is all here."""
-        if len(self._buffer) < 4:
-            return False
-        (length,) = struct.unpack_from("!I", self._buffer)
-        if len(self._buffer) < 4 + min(length, 1024):
-            return False
-        text = bytes(self._buffer[4 : 4 + min(length, 1024)]).decode("utf-8", "replace")
-        raise RfbError(f"{what}: {text}")
-
     def _advance(self, out: bytearray) -> bool:
         """Take one step of the conversation; False when it waits for more bytes."""
         step = self._step
-        if step == "version":
-            got = self._need(12)
-            if got is None:
-                return False
-            if not got.startswith(b"RFB ") or not got.endswith(b"\n"):
-                raise RfbError(f"not a VNC server (it said {got!r})")
-            try:
-                major, minor = int(got[4:7]), int(got[8:11])
-            except ValueError:
-                raise RfbError(f"not a VNC server (it said {got!r})") from None
-            self._version = 3.8 if (major, minor) >= (3, 8) else 3.7 if (major, minor) >= (3, 7) else 3.3
-            out += {3.8: b"RFB 003.008\n", 3.7: b"RFB 003.007\n", 3.3: b"RFB 003.003\n"}[self._version]
-            self._step = "security" if self._version >= 3.7 else "security-3.3"
-            return True
-        if step == "security":
-            if not self._buffer:
-                return False
-            count = self._buffer[0]
-            if count == 0:
-                if len(self._buffer) < 5:
-                    return False
-                del self._buffer[:1]
-                return self._reason("the VNC server refused the connection")
-            offered = self._need(1 + count)
-            if offered is None:
-                return False
-            chosen = self._choose(offered[1:])
-            out.append(chosen)
-            self._after_security(chosen)
-            return True
-        if step == "security-3.3":
-            got = self._need(4)
-            if got is None:
-                return False
-            (chosen,) = struct.unpack("!I", got)
-            if chosen == 0:
-                self._step = "failed"
-                return True
-            self._choose(bytes([chosen]) if chosen < 256 else b"")
-            self._after_security(chosen)
-            return True
-        if step == "failed":
-            return self._reason("the VNC server refused the connection")
-        if step == "challenge":
-            challenge = self._need(16)
-            if challenge is None:
-                return False
-            out += vnc_auth_response(self._password or "", challenge)
-            self._step = "result"
-            return True
-        if step == "result":
-            got = self._need(4)
-            if got is None:
-                return False
-            if struct.unpack("!I", got)[0] != 0:
-                if self._version >= 3.8:
-                    self._step = "refused"
-                    return True
-                raise RfbError("the VNC server refused the session password")
-            out += b"\x01"  # ClientInit: shared, so the worker's own viewer stays connected
-            self._step = "init"
-            return True
-        if step == "refused":
-            return self._reason("the VNC server refused the session password")
         if step == "init":
             return self._server_init(out)
         if step == "message":
@@ -211,24 +130,6 @@ class ScreenGrab:
         if step == "rect":
             return self._rect(out)
         raise AssertionError(step)  # pragma: no cover
-
-    def _choose(self, offered: bytes) -> int:
-        if self._password is not None and _SECURITY_VNC_AUTH in offered:
-            return _SECURITY_VNC_AUTH
-        if _SECURITY_NONE in offered:
-            return _SECURITY_NONE
-        if _SECURITY_VNC_AUTH in offered:
-            raise RfbError("the VNC server wants a password and the VM has no session now")
-        raise RfbError(f"the VNC server offers only security types {list(offered)}")
-
-    def _after_security(self, chosen: int) -> None:
-        if chosen == _SECURITY_VNC_AUTH:
-            self._step = "challenge"
-        elif self._version >= 3.8:
-            self._step = "result"  # 3.8 answers a SecurityResult for None too
-        else:
-            self._buffer[:0] = b"\0\0\0\0"  # 3.3 and 3.7 do not: as if it said OK
-            self._step = "result"
 
     def _server_init(self, out: bytearray) -> bool:
         if len(self._buffer) < 24:

@@ -10,6 +10,10 @@ A VM's VNC server listens on its own address, port 5900, and its audio capture s
 cloud reports for the VM (the one the guest said, if the cloud reports several), and what the
 guest said only when the cloud reports none: a guest cannot point a worker at another host.  No
 route to the VM is ever handed to the worker.
+
+The operator's routes (``/console/vm/{vmid}`` and its ``screen.png``) never hand a password out
+either: the controller logs in itself, with the view-only password the VM's own guest said in its
+HELLO (see :meth:`PoolTargets._operator_login`).
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ def vm_key(vmid: str) -> Key:
 
 @attrs.frozen
 class Target:
-    """A VM's server to dial for one key; ``password`` is the session's (for the audio server)."""
+    """A VM's server to dial for one key; ``password`` is the session's (for the audio server), or
+    the one the controller logs in to the VNC server with itself (the operator's routes)."""
 
     key: Key
     host: str
@@ -81,36 +86,48 @@ class PoolTargets:
         return Target(handle_key(token), _address(vm), vm.vnc_port or self._vnc_port, vm.vmid)
 
     def console_of_vm(self, vmid: str) -> Target:
-        """The VNC server of any live VM (the operator's route)."""
-        vm = self._pool.state.vms.get(vmid)
-        if vm is None or not vm.alive:
-            raise ApiError(404, "unknown-vm", f"no live VM {vmid!r}")
+        """The VNC server of any live VM, with the password the relay logs in with (the operator's
+        route: the relay opens the VM itself and lets the operator's browser watch, view only)."""
+        vm = self._live(vmid)
         _needs(vm, "vnc", "a VNC server")
-        return Target(vm_key(vmid), _address(vm), vm.vnc_port or self._vnc_port, vm.vmid)
+        return self._operator_login(vm)
 
     def screen_of_vm(self, vmid: str) -> Target:
-        """The VNC server of a live VM with a session, and its password (the monitor's thumbnails).
+        """The VNC server of a live VM and the password to log in with (the monitor's thumbnails).
 
         404 for an unknown VM or one whose guest has no VNC server (or has not said yet), 409 when
-        the VM has no session now (no password: only READY and OCCUPIED VMs have one).
+        the controller has no password for it (see :meth:`_operator_login`).
         """
-        vm = self._pool.state.vms.get(vmid)
-        if vm is None or not vm.alive:
-            raise ApiError(404, "unknown-vm", f"no live VM {vmid!r}")
+        vm = self._live(vmid)
         if "vnc" not in vm.capabilities and not (vm.recovering and vm.vnc_password):
             raise ApiError(
                 404,
                 "no-vnc",
                 f"VM {vmid} has no VNC server (its guest says: {', '.join(vm.capabilities) or 'nothing'})",
             )
-        if not vm.vnc_password:
+        return self._operator_login(vm)
+
+    def _live(self, vmid: str) -> VM:
+        vm = self._pool.state.vms.get(vmid)
+        if vm is None or not vm.alive:
+            raise ApiError(404, "unknown-vm", f"no live VM {vmid!r}")
+        return vm
+
+    def _operator_login(self, vm: VM) -> Target:
+        """The operator's view-only password its guest said in HELLO (every state), else the
+        session's (READY and OCCUPIED, for a guest too old to say one); 409 when there is neither."""
+        if vm.view_password:
+            port, password = vm.view_port or vm.vnc_port or self._vnc_port, vm.view_password
+        elif vm.vnc_password:
+            port, password = vm.vnc_port or self._vnc_port, vm.vnc_password
+        else:
             raise ApiError(
                 409,
                 "no-session",
-                f"VM {vmid} has no screen session now ({vm.state.value}; READY and OCCUPIED VMs have one)",
+                f"VM {vm.vmid} has no screen the controller may log in to now ({vm.state.value}): its guest "
+                "said no view-only password, and only READY and OCCUPIED VMs have a session",
             )
-        port = vm.vnc_port or self._vnc_port
-        return Target(vm_key(vmid), _address(vm), port, vm.vmid, vm.vnc_password)
+        return Target(vm_key(vm.vmid), _address(vm), port, vm.vmid, password)
 
     def audio(self, token: str) -> Target:
         """The audio capture server of the VM a handle holds, for batches that asked for audio."""

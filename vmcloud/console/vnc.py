@@ -14,6 +14,12 @@ the admin token instead of a handle.
 * **View only.**  ``?view_only=1`` passes the viewer's bytes through
   :class:`~vmcloud.console.rfb.ViewOnlyFilter`, which removes input messages.  Without it the
   relay does not parse anything.
+* **The operator's console logs in itself.**  On ``/console/vm/{vmid}`` the relay opens the VM's
+  VNC server with the password the pool gives it (the operator's view-only one, which the VM's
+  guest said in HELLO, so FREE VMs too; the session's for older guests), then greets the browser
+  as RFB 3.8 with security type None (:class:`~vmcloud.console.rfb.OperatorOpening`): the
+  operator's page holds no password.  Such a viewer is always view only: its input is filtered out
+  here, and Xvnc ignores the input of a view-only login anyway.
 * **Back-pressure both ways.**  The WebSocket's transport consumes from the VNC connection and the
   VNC connection's transport from the WebSocket, as streaming producers: when a viewer's socket
   buffer is over Twisted's bound (64 KiB), the relay stops reading the VNC server (which then
@@ -46,7 +52,7 @@ from zope.interface import implementer
 from vmcloud.api.errors import ApiError
 from vmcloud.console.gate import Gate, check_handshake, flag, refuse
 from vmcloud.console.registry import AccessRegistry
-from vmcloud.console.rfb import RfbViolation, ViewOnlyFilter
+from vmcloud.console.rfb import OperatorOpening, RfbError, RfbViolation, ViewOnlyFilter
 from vmcloud.console.targets import Target
 
 log = Logger(namespace="vmcloud.console")
@@ -99,6 +105,7 @@ class Ticket:
     target: Target
     view_only: bool
     who: str  # for logs: "handle abcdef..." or "operator, VM x"
+    operator: bool = False  # the relay logs in with ``target.password`` and greets with security None
 
 
 @implementer(IPushProducer)
@@ -149,6 +156,7 @@ class ConsoleViewer(WebSocketServerProtocol):
         self._early: list[bytes] = []
         self._early_size = 0
         self._filter: ViewOnlyFilter | None = None
+        self._opening: OperatorOpening | None = None
         self._deadline: IDelayedCall | None = None
         self._ended = False
         self.relayed_in = 0
@@ -162,7 +170,10 @@ class ConsoleViewer(WebSocketServerProtocol):
     def onOpen(self) -> None:  # noqa: N802 - autobahn's name
         ticket = self.ticket
         self.factory.registry.add(ticket.target.key, self)
-        if ticket.view_only:
+        if ticket.operator and ticket.target.password is not None:
+            self._opening = OperatorOpening(ticket.target.password)
+            self._filter = ViewOnlyFilter.past_opening()
+        elif ticket.view_only:
             self._filter = ViewOnlyFilter()
         log.info(
             "Console open for {who} ({mode}) to {host}:{port}",
@@ -183,6 +194,15 @@ class ConsoleViewer(WebSocketServerProtocol):
         if not isBinary:
             self._end(CLOSE_POLICY, "the console speaks binary RFB messages only")
             return
+        if self._opening is not None:
+            try:
+                to_vnc, to_viewer = self._opening.from_viewer(payload)
+            except RfbViolation as e:
+                self._violation(e)
+                return
+            payload = self._opening_said(to_vnc, to_viewer)
+            if not payload:
+                return
         if self._filter is not None:
             try:
                 payload = self._filter.from_client(payload)
@@ -252,6 +272,19 @@ class ConsoleViewer(WebSocketServerProtocol):
     def from_vnc(self, data: bytes) -> None:
         if self._ended:
             return
+        if self._opening is not None:
+            try:
+                to_vnc, to_viewer = self._opening.from_vm(data)
+            except RfbError as e:
+                self._login_refused(e)
+                return
+            except RfbViolation as e:  # what the viewer said too early, read once the login is over
+                self._violation(e)
+                return
+            rest = self._opening_said(to_vnc, to_viewer)
+            if rest:
+                self.onMessage(rest, True)
+            return
         if self._filter is not None and not self._filter.server_done:
             try:
                 data = self._filter.from_server(data)
@@ -262,6 +295,34 @@ class ConsoleViewer(WebSocketServerProtocol):
                 return
         self.relayed_out += len(data)
         self.sendMessage(data, isBinary=True)
+
+    def _opening_said(self, to_vnc: bytes, to_viewer: bytes) -> bytes:
+        """Send what a step of the operator's opening says; once it is over, what the viewer said
+        past it (client messages, for the filter)."""
+        if to_viewer:
+            self.relayed_out += len(to_viewer)
+            self.sendMessage(to_viewer, isBinary=True)
+        if to_vnc and self._vnc is not None:
+            self.relayed_in += len(to_vnc)
+            socket(self._vnc).write(to_vnc)
+        if self._opening is None or not self._opening.done:
+            return b""
+        rest, self._opening = self._opening.rest(), None
+        log.info(
+            "Console of {who}: the controller logged in to the VM's VNC server; the viewer watches",
+            who=self.ticket.who,
+            event="console-operator-login",
+        )
+        return rest
+
+    def _login_refused(self, error: RfbError) -> None:
+        log.warn(
+            "Console of {who}: the VM's VNC server refused the controller's login: {reason}",
+            who=self.ticket.who,
+            reason=str(error),
+            event="console-login-refused",
+        )
+        self._end(CLOSE_VNC_GONE, "the VM's VNC server refused the controller's login: " + str(error))
 
     def vnc_lost(self) -> None:
         self._vnc = None
@@ -423,13 +484,17 @@ class ConsoleResource(WebSocketResource):
         target = resolve(key)
         if target is None:
             raise ApiError(404, "unknown-handle", "no such handle (released, expired, or never issued)")
+        if operator and target.password is None:
+            raise ApiError(409, "no-session", f"the controller has no login to VM {key}'s screen now")
         check_handshake(request)
         registry = self._console.registry
         if registry.count(target.key) >= self._max_per_key:
             raise ApiError(429, "too-many-viewers", f"at most {self._max_per_key} viewers of one console")
         if registry.total >= self._max_total:
             raise ApiError(503, "too-many-viewers", "the controller has as many console viewers as it serves")
-        who = f"operator, VM {key}" if operator else f"handle {key[:6]}... (VM {target.vmid})"
+        if operator:  # always view only, whatever ?view_only says
+            return Ticket(target, True, f"operator, VM {key}", operator=True)
+        who = f"handle {key[:6]}... (VM {target.vmid})"
         return Ticket(target, flag(request, b"view_only"), who)
 
 

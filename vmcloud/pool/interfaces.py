@@ -131,6 +131,9 @@ class GuestInfo:
     agent_version: str
     capabilities: tuple[str, ...]
     last_beacon: float  # seconds, on the controller's clock
+    # what its HELLO said of the operator's view: the VNC port and the view-only password (a secret)
+    vnc_port: int | None = None
+    view_password: str | None = attrs.field(default=None, repr=False)
 
 
 class GuestCallFailed(Exception):

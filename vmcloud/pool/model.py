@@ -91,6 +91,11 @@ class VM:
     # and 5901); the address is the one the controller knows for the VM, never one the guest names
     vnc_port: int | None = None
     audio_port: int | None = None
+    # the operator's view-only VNC login as the guest's HELLO said it, for the agent's life and in
+    # every state (the monitor's screens): its VNC server's port and the password, a secret never
+    # shown in /all-status or a log and not kept in the checkpoint (the next HELLO says it again)
+    view_port: int | None = None
+    view_password: str | None = attrs.field(default=None, repr=False)
     capabilities: tuple[str, ...] = ()
     recovering: bool = False
     reason: str | None = None

@@ -436,6 +436,9 @@ class PoolState:
         vm = self.vms[vmid]
         if not vm.alive:
             return vm
+        view: dict[str, Any] = {}
+        if guest.view_password is not None:  # the VM's own guest (matched above) said its operator view
+            view = {"view_port": guest.vnc_port, "view_password": guest.view_password}
         # 5,000 VMs say the same few things: share one copy of each (a few hundred bytes a VM)
         known = attrs.evolve(
             vm,
@@ -444,6 +447,7 @@ class PoolState:
             ip=_same(guest.ip, *vm.ips),
             capabilities=self._directory.shared_capabilities(guest.capabilities),
             recovering=False,
+            **view,
         )
         if vm.state is VMState.BOOTING:
             return self.put(model.transition(known, VMState.FREE, now, last_used=now))

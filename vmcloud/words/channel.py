@@ -358,6 +358,8 @@ class GuestChannel(Service):
         identity, login = self._identify(announcement)
         guests = self._guests
         old = guests.pop(identity, None)  # re-inserted last: the order is the order heard
+        # the operator's view is said in HELLO only: a beacon keeps what the HELLO said
+        view: Announcement | GuestInfo | None = announcement if announcement.view_password else old
         guest = GuestInfo(
             identity=old.identity if old is not None else identity,
             login=_same(login, old.login if old else None),
@@ -366,6 +368,8 @@ class GuestChannel(Service):
             agent_version=self._shared(announcement.agent_version),
             capabilities=self._shared(announcement.capabilities),
             last_beacon=self._clock.seconds(),
+            vnc_port=view.vnc_port if view is not None else None,
+            view_password=view.view_password if view is not None else None,
         )
         guests[guest.identity] = guest
         if self._silence is None:

@@ -33,6 +33,9 @@ class Announcement:
     mac: str | None
     agent_version: str
     capabilities: tuple[str, ...]
+    # HELLO's optional operator view: the VNC server's port and the view-only password (a secret)
+    vnc_port: int | None = None
+    view_password: str | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen
