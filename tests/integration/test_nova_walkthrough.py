@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from tests.integration.test_nova_harness import BOOT, LIST, NovaTestCase
+from tests.integration.test_nova_harness import BOOT, IMAGE, LIST, NovaTestCase
 
 POLL = 2.0  # seconds between listings; the tick is 1 s, so a listing is due every 2 ticks
 
@@ -30,7 +30,10 @@ class WalkthroughTests(NovaTestCase):
         self.assertEqual(sorted(servers.values()), sorted(daemon.prefix + vm["vmid"] for vm in status["vms"]))
         for server in cloud.servers():
             vmid = server["name"].removeprefix(daemon.prefix)
-            self.assertEqual(server["metadata"], {"vmcloud-controller": "nova-e2e", "vmcloud-vmid": vmid})
+            self.assertEqual(
+                server["metadata"],
+                {"vmcloud-controller": "nova-e2e", "vmcloud-vmid": vmid, "vmcloud-image": IMAGE},
+            )
 
         batch = daemon.ok("POST", "/prepare-batch/1/" + quote("https://example.org/", safe="")).text
         daemon.wait_pool(
