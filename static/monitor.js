@@ -12,11 +12,13 @@
  * default) is ever in the document, whatever the pool's size.  Ages ("12 s ago") are kept fresh by a
  * one-second tick over the <time> elements on screen; the local clock time is their tooltip.
  *
- * Screens: a VM with a VNC session (its guest has "vnc", and it is READY or OCCUPIED) shows a
- * thumbnail from GET /console/vm/{vmid}/screen.png, refreshed every few seconds while its row is on
- * screen (two requests at most in flight).  A click opens the view-only console (noVNC over
- * /console/vm/{vmid}, the VNC password from the handle's status); a READY VM, which has no handle,
- * is shown as a screenshot refreshed every second.
+ * Screens: a VM whose guest has "vnc" (FREE, WAIT, READY or OCCUPIED) shows a thumbnail from
+ * GET /console/vm/{vmid}/screen.png, refreshed every few seconds while its row is on screen (two
+ * requests at most in flight).  A click opens the live console, view only: noVNC over
+ * /console/vm/{vmid}, where the controller logs in to the VM itself (with the operator's view-only
+ * password its guest told it) and lets the page in with no password at all.  A console cut while
+ * watching (a worker's release closes every viewer) comes back by itself; a VM the controller
+ * cannot log in to (an older guest's FREE VM) says so, and a page without noVNC shows stills.
  *
  * Messages (errors included) stay until dismissed; the connection's state lives in the header.
  * For tests and curious operators, window.monitor holds the page's view (version, timings...).
@@ -32,7 +34,7 @@
   const THUMB_WIDTH = 240;
   const STATES = ["CREATING", "BOOTING", "FREE", "WAIT", "READY", "OCCUPIED", "ERROR", "KILLING"];
   const DEAD = new Set(["ERROR", "KILLING"]);
-  const SESSION = new Set(["READY", "OCCUPIED"]);
+  const SCREEN = new Set(["FREE", "WAIT", "READY", "OCCUPIED"]); // a guest that said HELLO, alive
 
   const $ = function (id) { return document.getElementById(id); };
 
@@ -411,12 +413,12 @@
   // ------------------------------------------------------------------ the tables of the page
 
   function hasScreen(vm) {
-    return (vm.capabilities || []).indexOf("vnc") >= 0 && SESSION.has(vm.state);
+    return (vm.capabilities || []).indexOf("vnc") >= 0 && SCREEN.has(vm.state);
   }
 
   const vmTable = new KeyedTable($("vms"), [
     { id: "screen", label: "screen", kind: "custom", sort: false, className: "screen",
-      sig: function (vm) { return hasScreen(vm) && thumbsOn() ? "live" : (vm.capabilities || []).indexOf("vnc") >= 0 ? "vnc" : "-"; },
+      sig: function (vm) { return hasScreen(vm) && thumbsOn() ? "live" : (vm.capabilities || []).indexOf("vnc") >= 0 ? "vnc " + vm.state + " " + thumbsOn() : "-"; },
       render: function (td, vm, entry) { thumbs.cell(td, vm, entry); } },
     { id: "vmid", label: "vmid", kind: "mono", value: function (vm) { return vm.vmid; } },
     { id: "state", label: "state", kind: "custom", value: function (vm) { return STATES.indexOf(vm.state); },
@@ -826,9 +828,10 @@
       entry.thumb = null;
       this.drop(vmid);
       if (!(hasScreen(vm) && thumbsOn())) {
-        const box = el("div", "thumb none", (vm.capabilities || []).indexOf("vnc") >= 0 ? "no session" : "–");
-        box.title = (vm.capabilities || []).indexOf("vnc") >= 0 ?
-          "only READY and OCCUPIED VMs have a screen session" : "no VNC server on this VM (yet)";
+        const vnc = (vm.capabilities || []).indexOf("vnc") >= 0;
+        const box = el("div", "thumb none", vnc && thumbsOn() ? "no screen" : "–");
+        box.title = !vnc ? "no VNC server on this VM (yet)" :
+          thumbsOn() ? "no screen while " + vm.state : "thumbnails are off";
         td.replaceChildren(box);
         return;
       }
@@ -884,7 +887,7 @@
       } catch (error) {
         const entry = vmTable.rows.get(vmid);
         if (entry && entry.thumb && !entry.thumb.querySelector("img")) {
-          entry.thumb.textContent = error.status === 409 ? "no session" : "no screen";
+          entry.thumb.textContent = error.status === 409 ? "no login" : "no screen";
         }
         if (entry && entry.thumb) entry.thumb.title = error.message;
         wait = error.status === 503 ? 2 * THUMB_EVERY_MS : 3 * THUMB_EVERY_MS;
@@ -918,7 +921,7 @@
     url: null,
     vmid: null,
 
-    open: async function (vmid) {
+    open: function (vmid) {
       this.close();
       this.vmid = vmid;
       const vm = (monitor.status.vms || []).find(function (v) { return v.vmid === vmid; }) || { vmid: vmid };
@@ -927,57 +930,58 @@
       $("viewer-note").textContent = "connecting…";
       $("viewer-screen").replaceChildren();
       this.dialog.showModal();
-      let password = null;
-      if (vm.handle) {
-        try {
-          const status = await api("GET", "/handle-status/" + seg(vm.handle));
-          password = status.vm && status.vm.vncPassword;
-        } catch (error) {
-          failed("the session of VM " + vmid, error);
-        }
-      }
-      if (this.vmid !== vmid) return;
-      if (password) {
-        this.console(vmid, password);
-      } else {
-        this.stills(vmid);
-      }
+      this.console(vmid);
     },
 
-    /** The view-only console: noVNC on the operator's socket, the handle's session password. */
-    console: async function (vmid, password) {
+    /**
+     * The live console, view only: noVNC on the operator's socket.  The controller logs in to the
+     * VM itself and offers the page RFB with no security: no password is ever in this page.
+     */
+    console: async function (vmid) {
       let RFB;
       try {
         RFB = (await import("/static/novnc/core/rfb.js")).default;
       } catch (error) {
         failed("loading noVNC", error);
-        this.stills(vmid);
+        this.stills(vmid, "noVNC did not load: a screenshot every second");
         return;
       }
       if (this.vmid !== vmid) return;
       const url = new URL("/console/vm/" + seg(vmid), location.href);
       url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-      url.searchParams.set("view_only", "1");
       if (token) url.searchParams.set("token", token); // a browser cannot set a header on a WebSocket
-      const rfb = new RFB($("viewer-screen"), url.href, {
-        credentials: { password: password }, wsProtocols: ["binary"], shared: true,
-      });
+      $("viewer-screen").replaceChildren();
+      const rfb = new RFB($("viewer-screen"), url.href, { wsProtocols: ["binary"], shared: true });
       rfb.viewOnly = true;
       rfb.scaleViewport = true;
       rfb.background = "#222";
-      rfb.addEventListener("connect", function () { $("viewer-note").textContent = "live, view only"; });
-      rfb.addEventListener("credentialsrequired", function () { rfb.sendCredentials({ password: password }); });
+      let connected = false;
+      rfb.addEventListener("connect", function () {
+        connected = true;
+        $("viewer-note").textContent = "live, view only";
+      });
       rfb.addEventListener("disconnect", function (e) {
         if (viewer.rfb !== rfb) return;
         viewer.rfb = null;
-        $("viewer-note").textContent = e.detail.clean ? "the console closed" : "the console was cut";
+        if (viewer.vmid !== vmid) return;
+        const vm = (monitor.status.vms || []).find(function (v) { return v.vmid === vmid; });
+        if (!connected) {
+          // refused before it opened (no login to this VM now, or the VM is gone): what screen.png says
+          viewer.stills(vmid, "the live console did not open; a screenshot every second");
+        } else if (vm && hasScreen(vm)) {
+          // cut while watching (a release closes every viewer of the VM): back in a second
+          $("viewer-note").textContent = "the console was cut; reconnecting…";
+          viewer.timer = setTimeout(function () { if (viewer.vmid === vmid) viewer.console(vmid); }, 1000);
+        } else {
+          $("viewer-note").textContent = e.detail.clean ? "the console closed" : "the console was cut";
+        }
       });
       this.rfb = rfb;
     },
 
-    /** No session password to hand (a READY VM has no handle): a screenshot every second. */
-    stills: function (vmid) {
-      $("viewer-note").textContent = "a screenshot every second (the live console needs a handle's session)";
+    /** No live console to be had: a screenshot every second (the answer's error, if none). */
+    stills: function (vmid, note) {
+      $("viewer-note").textContent = note;
       const img = el("img");
       img.alt = "screen of " + vmid;
       $("viewer-screen").replaceChildren(img);

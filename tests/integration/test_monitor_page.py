@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import statistics
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
@@ -42,6 +44,9 @@ TOKEN = "monitor-token"
 STATES = ["CREATING", "BOOTING", "FREE", "WAIT", "READY", "OCCUPIED", "ERROR", "KILLING"]
 #: The issue's bar for one update of the page at 5,000 VMs.
 BUDGET_MS = 100
+#: The operator's view-only VNC password the VMs' guests tell in HELLO (never in the page).
+VIEW = "opview-1"
+VNCCONFIG = shutil.which("vncconfig")
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")
 
@@ -118,8 +123,6 @@ class MonitorFollowsThePoolTests(_BrowserCase):
                 "the OCCUPIED VM and its handle shown",
             )
             assert await tab.js("window.sameDocument === true"), "the page was reloaded"
-            if XVNC is not None:
-                await self._screens(w, tab, handle, proxies_port=proxies_port)
             gauge = await tab.js("document.getElementById('gauge-text').textContent")
             assert gauge.startswith("2 VMs of at most 3"), gauge
 
@@ -168,6 +171,8 @@ class MonitorFollowsThePoolTests(_BrowserCase):
                 f"!document.querySelector('#handles tr[data-key={json.dumps(handle)}]')",
                 "the released handle goes",
             )
+            if XVNC is not None:  # a FREE VM (the released one, cleaned) and the READY one
+                await self._screens(w, tab, proxies_port=proxies_port)
             assert await tab.js(f"{failure}?.querySelector('.text').textContent") == error
             await tab.js(f"{failure}.querySelector('button').click()")
             assert await tab.js(f"!{failure}")
@@ -204,30 +209,57 @@ class MonitorFollowsThePoolTests(_BrowserCase):
 
         return ensureDeferred(run())
 
-    async def _screens(self, w: World, tab: Tab, handle: str, proxies_port: int) -> None:
-        """The OCCUPIED VM gets a real screen: its thumbnail shows, a click watches it live (noVNC)."""
-        vmid = w.pool.state.handles[handle].vmid
-        vm = w.pool.state.vms[vmid]
-        xvnc = Xvnc(reactor, self.mktemp(), proxies_port, password=vm.vnc_password)
+    async def _screens(self, w: World, tab: Tab, proxies_port: int) -> None:
+        """Every VM gets a real screen (one Xvnc, the password file as a guest agent writes it) and its
+        guest's view-only password, as a HELLO tells it: a FREE VM's thumbnail shows, a click on the
+        READY VM watches it live (noVNC, no password in the page)."""
+        xvnc = Xvnc(reactor, self.mktemp(), proxies_port, password="session1", view_password=VIEW)
         await xvnc.start()
         self.addCleanup(lambda: ensureDeferred(xvnc.stop()))
-        w.pool.state.put(attrs.evolve(vm, ip="127.0.0.1", ips=("127.0.0.1",), capabilities=("cdp", "vnc")))
-        w.pool.renew_expire(handle, 600_000)  # a change the page hears of
+        by_state = {vm.state: vm.vmid for vm in w.vms()}
+        assert {VMState.FREE, VMState.READY} <= set(by_state), by_state
+        for vm in w.vms():
+            w.pool.state.put(
+                attrs.evolve(
+                    vm, ip="127.0.0.1", ips=("127.0.0.1",), capabilities=("cdp", "vnc"), view_password=VIEW
+                )
+            )
+        w.pool.set_pool_size(2, 3, 61_000)  # a change the page hears of
         w.settle()
-        thumb = f"document.querySelector('#vms tr[data-key={json.dumps(vmid)}] .thumb img')"
-        shown = f"{thumb}?.naturalWidth && [{thumb}.naturalWidth, {thumb}.naturalHeight]"
-        size = await self.until(tab, shown, "the VM's thumbnail", timeout=15)
+
+        def thumb(vmid: str) -> str:
+            return f"document.querySelector('#vms tr[data-key={json.dumps(vmid)}] .thumb img')"
+
+        free = by_state[VMState.FREE]
+        shown = f"{thumb(free)}?.naturalWidth && [{thumb(free)}.naturalWidth, {thumb(free)}.naturalHeight]"
+        size = await self.until(tab, shown, "the FREE VM's thumbnail", timeout=15)
         assert size == [240, 150], size  # Xvnc's 320x200 screen, 240 wide
-        await tab.js(f"{thumb}.click()")
+        ready = by_state[VMState.READY]
+        await tab.js(
+            f"document.querySelector('#vms tr[data-key={json.dumps(ready)}] [data-action=watch]').click()"
+        )
         await self.until(
             tab,
             "document.getElementById('viewer').open"
+            f" && document.getElementById('viewer-vmid').textContent === {json.dumps(ready)}"
             " && document.getElementById('viewer-note').textContent === 'live, view only'"
             " && !!document.querySelector('#viewer-screen canvas')",
-            "the live view connects",
+            "the READY VM watched live",
         )
+        if VNCCONFIG is not None:  # what CLEANUP does to every viewer: the watch comes back by itself
+            await tab.js("window.cuts = 0; new MutationObserver(() => { if (document.getElementById("
+                         "'viewer-note').textContent.includes('reconnecting')) window.cuts += 1; })"
+                         ".observe(document.getElementById('viewer-note'), {childList: true})")  # fmt: skip
+            await getProcessOutputAndValue(VNCCONFIG, ["-display", f":{xvnc.display}", "-disconnect"])
+            await self.until(
+                tab,
+                "window.cuts >= 1"
+                " && document.getElementById('viewer-note').textContent === 'live, view only'",
+                "the cut console reconnected",
+            )
         await tab.js("document.querySelector('#viewer [data-close]').click()")
         assert await tab.js("!document.getElementById('viewer').open")
+        assert w.pool.state.vms[by_state[VMState.FREE]].vnc_password is None  # a FREE VM: no session
 
 
 class BigPool(Resource):
