@@ -314,6 +314,15 @@ def vnc_auth_response(password: str, challenge: bytes) -> bytes:
     return encryptor.update(challenge) + encryptor.finalize()
 
 
+def take(buffer: bytearray, count: int) -> bytes | None:
+    """The first ``count`` bytes of ``buffer``, taken off it; None (nothing taken) while fewer are there."""
+    if len(buffer) < count:
+        return None
+    taken = bytes(buffer[:count])
+    del buffer[:count]
+    return taken
+
+
 class VncLogin:
     """The client half of an RFB opening, up to a SecurityResult that says OK.
 
@@ -344,11 +353,7 @@ class VncLogin:
         return bytes(out)
 
     def _need(self, count: int) -> bytes | None:
-        if len(self._buffer) < count:
-            return None
-        taken = bytes(self._buffer[:count])
-        del self._buffer[:count]
-        return taken
+        return take(self._buffer, count)
 
     def _reason(self, what: str) -> bool:
         """A failure reason (u32 length, text) follows; raise it once it is all here."""

@@ -45,7 +45,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from vmcloud.api.errors import ApiError
 from vmcloud.console.gate import Gate, refuse
-from vmcloud.console.rfb import RfbError, VncLogin
+from vmcloud.console.rfb import RfbError, VncLogin, take
 from vmcloud.console.targets import Target
 
 log = Logger(namespace="vmcloud.console")
@@ -114,11 +114,7 @@ class ScreenGrab:
         return bytes(out)
 
     def _need(self, count: int) -> bytes | None:
-        if len(self._buffer) < count:
-            return None
-        taken = bytes(self._buffer[:count])
-        del self._buffer[:count]
-        return taken
+        return take(self._buffer, count)
 
     def _advance(self, out: bytearray) -> bool:
         """Take one step of the conversation; False when it waits for more bytes."""
