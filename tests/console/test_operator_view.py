@@ -98,6 +98,11 @@ class OperatorViewTests(SynchronousTestCase):
         self.hello(self.a.login, vnc_view=(5907, VIEW_A))
         self.session.deliver_said(said_by(self.a.login, StillAlive))
         assert self.channel.guests()[self.a.login].view_password == VIEW_A
+        # a beacon is not read for it, even when it says one (HELLO alone tells it)
+        self.session.deliver_said(said_by(self.a.login, StillAlive, vnc_view=(5999, "beacon-1")))
+        self.world.turn()
+        assert self.channel.guests()[self.a.login].view_password == VIEW_A
+        assert (self.vm(self.a.vmid).view_port, self.vm(self.a.vmid).view_password) == (5907, VIEW_A)
         batch = self.world.pool.prepare_batch(1, HOME, BatchOptions())
         self.world.settle()
         ready = next(vm for vm in self.world.vms(VMState.READY))

@@ -71,8 +71,9 @@ def _vnc_view(frame: Frame) -> tuple[int | None, str | None]:
     return port, password
 
 
-def read_announcement(frame: Frame) -> Announcement:
-    """The guest's description of itself, every field checked (guests are not trusted)."""
+def read_announcement(frame: Frame, *, hello: bool = False) -> Announcement:
+    """The guest's description of itself, every field checked (guests are not trusted); the
+    operator's view (``vnc-port``, ``vnc-view-password``) is read from a HELLO only."""
     identity = optional_identity(frame)
     login = optional_identity(frame, LOGIN_HEADER)
     ip = frame.get(IP) or None
@@ -97,6 +98,8 @@ def read_announcement(frame: Frame) -> Announcement:
             raise MalformedWord(f"bad capability {printable(capability)!r}")
     if identity is None and login is None and mac is None:
         raise MalformedWord("names no identity, login or mac")
+    if not hello:
+        return Announcement(identity, login, ip, mac, version, capabilities)
     vnc_port, view_password = _vnc_view(frame)
     return Announcement(identity, login, ip, mac, version, capabilities, vnc_port, view_password)
 
@@ -117,7 +120,8 @@ class _Presence:
         capabilities: Iterable[str] = (),
         vnc_view: tuple[int, str] | None = None,
     ) -> Said:
-        """The word; ``vnc_view`` (VNC port, operator's view-only password) is for HELLO alone."""
+        """The word; ``vnc_view`` (VNC port, operator's view-only password) is for HELLO alone: the
+        other presence words never read it."""
         return _presence(cls.name, identity, ip, mac, agent_version, capabilities, vnc_view)
 
 
@@ -127,7 +131,7 @@ class Hello(_Presence):
     name: ClassVar[str] = "HELLO"
 
     async def listen_and_act(self, frame: Frame, context: IControllerContext) -> None:
-        context.heard_hello(read_announcement(frame))
+        context.heard_hello(read_announcement(frame, hello=True))
 
 
 class Bye(_Presence):
