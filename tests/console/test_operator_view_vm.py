@@ -1,7 +1,8 @@
 """The operator's view of a real browser VM: a real daemon, a real guest agent, Xvnc and Chromium.
 
 The guest's HELLO tells the controller its view-only password; ``screen.png`` shows the VM while
-it is FREE (before any worker, and again after one), and the worker's session password still logs
+it is FREE (before any worker, again after one, and after the controller was killed and restarted:
+the guest's HELLO at its reconnect tells it again), and the worker's session password still logs
 in while OCCUPIED and dies at release.  The password the controller uses is in nothing the API
 answers.  Needs root (namespaces) and the Debian packages, as tests/integration/test_browser_vm.py.
 """
@@ -102,3 +103,16 @@ def test_a_free_vm_shows_its_screen_and_a_session_still_dies_at_release(
         (daemon.state_dir / "checkpoint.json").read_text(),
     ]
     assert not any(view in text for text in shown)
+
+    # the controller dies and comes back: the checkpoint knew nothing of the password, the guest's
+    # HELLO at its reconnect tells it again, and the FREE VM's screen shows once more
+    daemon.wait_for(lambda: vmid in (daemon.state_dir / "checkpoint.json").read_text(), "checkpointed")
+    daemon.kill9()
+    daemon.start()
+    daemon.wait_pool(
+        lambda s: s if [(v["vmid"], v["state"], v["recovering"]) for v in s["vms"]] == [(vmid, "FREE", False)]
+        else None,
+        "the FREE VM recovered (its guest said HELLO again)",
+    )  # fmt: skip
+    shot = daemon.ok("GET", f"/console/vm/{vmid}/screen.png?width=320")
+    assert png_size(shot.body)[0] == 320
