@@ -25,6 +25,7 @@ from vmcloud.console.vnc import (
     CLOSE_GRACE,
     CLOSE_POLICY,
     CLOSE_VNC_GONE,
+    OPENING_TIMEOUT,
     ConsoleFactory,
     ConsoleResource,
 )
@@ -369,3 +370,23 @@ class OperatorConsoleTests(SynchronousTestCase):
         pipe = h.open("/console/vm/vm1?token=tok")
         assert "409" in str(self.failureResultOf(pipe.opened).value)
         assert h.dials == []
+
+    def test_an_opening_that_never_ends_is_closed(self) -> None:
+        h = Harness()
+        pipe = h.open("/console/vm/vm1?token=tok")
+        (vnc,) = h.servers
+        vnc.transport.write(HELLO)  # and then nothing: a hung VNC server
+        h.flush()
+        h.clock.advance(OPENING_TIMEOUT)
+        h.flush()
+        assert pipe.close_code == CLOSE_VNC_GONE
+        assert vnc.lost and h.registry.total == 0
+
+    def test_a_finished_opening_leaves_no_timer(self) -> None:
+        h = Harness()
+        pipe, _ = self._logged_in(h)
+        pipe.sendMessage(HELLO + b"\x01\x01", isBinary=True)
+        h.flush()
+        h.clock.advance(OPENING_TIMEOUT)
+        h.flush()
+        assert pipe.close_code is None and h.registry.total == 1

@@ -19,7 +19,9 @@ the admin token instead of a handle.
   guest said in HELLO, so FREE VMs too; the session's for older guests), then greets the browser
   as RFB 3.8 with security type None (:class:`~vmcloud.console.rfb.OperatorOpening`): the
   operator's page holds no password.  Such a viewer is always view only: its input is filtered out
-  here, and Xvnc ignores the input of a view-only login anyway.
+  here, and Xvnc ignores the input of a view-only login anyway.  The opening has
+  :data:`OPENING_TIMEOUT` seconds: a VNC server that never finishes the login does not keep a
+  viewer's place.
 * **Back-pressure both ways.**  The WebSocket's transport consumes from the VNC connection and the
   VNC connection's transport from the WebSocket, as streaming producers: when a viewer's socket
   buffer is over Twisted's bound (64 KiB), the relay stops reading the VNC server (which then
@@ -66,6 +68,8 @@ CLOSE_VNC_GONE = 4001
 CLOSE_POLICY = 4008
 #: Seconds a revoked viewer has to answer the close before its TCP connection is dropped.
 CLOSE_GRACE = 0.5
+#: Seconds the operator's opening may take, dial, the VM's login and the browser's answers included.
+OPENING_TIMEOUT = 15.0
 #: Largest WebSocket message a viewer may send (RFB client messages are tiny; SetEncodings < 256 KiB).
 MAX_MESSAGE = 512 * 1024
 #: Bytes a viewer may send before the VNC connection is up (noVNC sends none: the server speaks first).
@@ -157,6 +161,7 @@ class ConsoleViewer(WebSocketServerProtocol):
         self._early_size = 0
         self._filter: ViewOnlyFilter | None = None
         self._opening: OperatorOpening | None = None
+        self._opening_deadline: IDelayedCall | None = None
         self._deadline: IDelayedCall | None = None
         self._ended = False
         self.relayed_in = 0
@@ -173,6 +178,7 @@ class ConsoleViewer(WebSocketServerProtocol):
         if ticket.operator and ticket.target.password is not None:
             self._opening = OperatorOpening(ticket.target.password)
             self._filter = ViewOnlyFilter.past_opening()
+            self._opening_deadline = self.factory.clock.callLater(OPENING_TIMEOUT, self._opening_too_long)
         elif ticket.view_only:
             self._filter = ViewOnlyFilter()
         log.info(
@@ -308,12 +314,23 @@ class ConsoleViewer(WebSocketServerProtocol):
         if self._opening is None or not self._opening.done:
             return b""
         rest, self._opening = self._opening.rest(), None
+        self._stop_opening_deadline()
         log.info(
             "Console of {who}: the controller logged in to the VM's VNC server; the viewer watches",
             who=self.ticket.who,
             event="console-operator-login",
         )
         return rest
+
+    def _opening_too_long(self) -> None:
+        self._opening_deadline = None
+        if self._opening is not None:
+            self._end(CLOSE_VNC_GONE, f"the VM's VNC server gave no login within {OPENING_TIMEOUT:g} s")
+
+    def _stop_opening_deadline(self) -> None:
+        if self._opening_deadline is not None and self._opening_deadline.active():
+            self._opening_deadline.cancel()
+        self._opening_deadline = None
 
     def _login_refused(self, error: RfbError) -> None:
         log.warn(
@@ -366,6 +383,7 @@ class ConsoleViewer(WebSocketServerProtocol):
             event="console-close",
         )
         self._cut_vnc()
+        self._stop_opening_deadline()
         self.factory.registry.discard(self.ticket.target.key, self)
         return True
 
