@@ -11,6 +11,7 @@ fi
 
 echo "== ruff"
 .venv/bin/ruff check . || exit 1
+.venv/bin/ruff format --check . || exit 1
 echo "== mypy"
 .venv/bin/mypy vmcloud guest_agent || exit 1
 

@@ -461,9 +461,7 @@ class RealSocketTests(TestCase):
 
     def test_a_multipart_post_gets_the_routes_answer(self) -> None:
         async def check() -> None:
-            raw = request(
-                b"POST", b"/shutdown", {b"Content-Type": b"multipart/form-data"}, b"--q\r\nbroken"
-            )
+            raw = request(b"POST", b"/shutdown", {b"Content-Type": b"multipart/form-data"}, b"--q\r\nbroken")
             received, error = await deferToThread(
                 self.send_blocking, raw.replace(b"HTTP/1.1", b"HTTP/1.0", 1)
             )
