@@ -52,12 +52,9 @@ class GuestProcessTests(TestCase):
             await deferLater(reactor, 0.05)
         with open(seen) as f:
             self.assertEqual(f.read(), "fa:16:3e:00:00:01 10.0.0.2 [agent]\nlogin = vm-1\n")
-        guests.on_deleted(view("s1"))
-        for _ in range(600):
-            if not guests.running():
-                break
-            await deferLater(reactor, 0.05)
+        ended = guests.on_deleted(view("s1"))
         self.assertEqual(guests.running(), frozenset())
+        await ended  # the process is gone, not only forgotten: nothing of it outlives the test
 
     def test_a_bad_placeholder_is_refused_at_once(self) -> None:
         with self.assertRaises(ValueError) as caught:

@@ -96,10 +96,12 @@ class GuestProcesses:
         """Ids of the servers whose process is running."""
         return frozenset(self._running)
 
-    def on_deleted(self, server: ServerView) -> None:
-        self._stop(server.id)
+    def on_deleted(self, server: ServerView) -> defer.Deferred[None]:
+        """Stop the server's process; the answer fires once it has ended (callers may ignore it)."""
+        ended = self._stop(server.id)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self._dir, f"{server.id}.user-data"))
+        return ended
 
     def _stop(self, server_id: str) -> defer.Deferred[None]:
         entry = self._running.pop(server_id, None)

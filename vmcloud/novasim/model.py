@@ -359,7 +359,7 @@ class Agenda:
         self._arm()
 
 
-ServerHook = Callable[[ServerView], None]
+ServerHook = Callable[[ServerView], object]  # what a hook returns is ignored
 
 _TOMBSTONES = 100_000  # deleted ids still accepted as a marker (Nova reads deleted rows for markers)
 
