@@ -169,6 +169,9 @@ class Daemon:
             f"state_dir = {workdir / 'state'}\n"
             f"max_pool_size = {max(vms, 1)}\n"
             "[local]\n"
+            # The lock path is the controller's: VMs without a browser, as when README's figure was
+            # first measured (eight Chromiums on two cores would measure the machine's contention)
+            "browser = none\n"
             f"max_vms = {max(vms, 1)}\n"
             f"bridge = {daemon.bridge}\n"
             f"subnet = {daemon.subnet}\n"
