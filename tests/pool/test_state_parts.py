@@ -172,10 +172,10 @@ class ObserverTests(SynchronousTestCase):
     def test_pool_state_tells_its_observers(self) -> None:
         state = PoolState("e", PoolSpec(0, 1, 10))
         heard: list[tuple[object, object]] = []
-        state.on_transition = lambda old, new: heard.append(
+        state.observers.on_transition = lambda old, new: heard.append(
             (old and old.state.value, new and new.state.value)
         )
         state.add_vm("e-1", NOW)
         state.remove_vm("e-1")
         self.assertEqual(heard, [(None, "CREATING"), ("CREATING", None)])
-        self.assertIsNotNone(state.on_transition)
+        self.assertIsNotNone(state.observers.on_transition)

@@ -275,9 +275,9 @@ class PoolService(Service):
         return self._reconciler
 
     def _attach(self, state: PoolState) -> None:
-        state.on_transition = self._log_transition
-        state.on_handle_event = self._event_added
-        state.on_handle_gone = self._handle_gone
+        state.observers.on_transition = self._log_transition
+        state.observers.on_handle_event = self._event_added
+        state.observers.on_handle_gone = self._handle_gone
 
     @contextmanager
     def _pass(self) -> Iterator[None]:

@@ -8,10 +8,11 @@ one job each (the first two are told every change of a VM record it stores):
 - :class:`~vmcloud.pool.indexes.StateIndex`: VMs by state and by (state, batch), for the plan;
 - :class:`~vmcloud.pool.guests.GuestDirectory`: which VM a guest's HELLO is (:class:`GuestRefused`);
 - :class:`~vmcloud.pool.strays.Strays`: servers in the cloud that no VM tracks, from each listing;
-- :class:`~vmcloud.pool.observers.PoolObservers`: ``on_transition(old, new)`` sees every change of a
-  VM's state (None for a VM that appears or disappears), ``on_handle_event(token, event)`` every
-  event put on a handle, ``on_handle_gone(token)`` every handle that goes.  The service logs the
-  first and wakes long-polls with the second.
+- :class:`~vmcloud.pool.observers.PoolObservers` (``observers``, the one part others set):
+  ``on_transition(old, new)`` sees every change of a VM's state (None for a VM that appears or
+  disappears), ``on_handle_event(token, event)`` every event put on a handle,
+  ``on_handle_gone(token)`` every handle that goes.  The service logs the first and wakes
+  long-polls with the second.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from vmcloud.pool.model import (
     Stray,
     VMState,
 )
-from vmcloud.pool.observers import EventObserver, HandleGoneObserver, PoolObservers, TransitionObserver
+from vmcloud.pool.observers import PoolObservers
 from vmcloud.pool.strays import Strays
 
 __all__ = ["GuestRefused", "PoolState"]
@@ -52,7 +53,6 @@ class PoolState:
         "_by_server",
         "_directory",
         "_index",
-        "_observers",
         "_pending_by_batch",
         "_ready_events",
         "_strays",
@@ -65,6 +65,7 @@ class PoolState:
         "handles",
         "next_batch",
         "next_vmid",
+        "observers",
         "pending",
         "shutting_down",
         "spec",
@@ -92,7 +93,7 @@ class PoolState:
         self._index = StateIndex()
         self._directory = GuestDirectory()
         self._strays = Strays()
-        self._observers = PoolObservers()
+        self.observers = PoolObservers()
         self._by_server: dict[str, str] = {}
         self._pending_by_batch: dict[str, int] = {}
         #: Events a READY VM's guest said before a handle took it (its home page's load), by vmid:
@@ -130,30 +131,6 @@ class PoolState:
     def unmatched(self) -> dict[str, tuple[GuestInfo, float]]:
         """Guests that said HELLO but matched no VM yet, with the time they did."""
         return self._directory.unmatched
-
-    @property
-    def on_transition(self) -> TransitionObserver | None:
-        return self._observers.on_transition
-
-    @on_transition.setter
-    def on_transition(self, observer: TransitionObserver | None) -> None:
-        self._observers.on_transition = observer
-
-    @property
-    def on_handle_event(self) -> EventObserver | None:
-        return self._observers.on_handle_event
-
-    @on_handle_event.setter
-    def on_handle_event(self, observer: EventObserver | None) -> None:
-        self._observers.on_handle_event = observer
-
-    @property
-    def on_handle_gone(self) -> HandleGoneObserver | None:
-        return self._observers.on_handle_gone
-
-    @on_handle_gone.setter
-    def on_handle_gone(self, observer: HandleGoneObserver | None) -> None:
-        self._observers.on_handle_gone = observer
 
     # ------------------------------------------------------------------ VMs and their indexes
 
@@ -203,7 +180,7 @@ class PoolState:
         if old is None or old.state is not vm.state:
             if old is not None and old.state is VMState.READY and vm.state is not VMState.OCCUPIED:
                 self._ready_events.pop(vm.vmid, None)  # never lent: its early events go with it
-            self._observers.transition(old, vm)
+            self.observers.transition(old, vm)
         return vm
 
     def remove_vm(self, vmid: str) -> VM | None:
@@ -216,7 +193,7 @@ class PoolState:
         self._ready_events.pop(vmid, None)
         reindex(self._by_server, vm, None, _server_id)
         self._directory.move(vm, None)
-        self._observers.transition(vm, None)
+        self.observers.transition(vm, None)
         return vm
 
     def current(self, vmid: str, version: int) -> VM | None:
@@ -300,7 +277,7 @@ class PoolState:
             return None
         self.changes += 1
         self._unpend(token)
-        self._observers.handle_gone(token)
+        self.observers.handle_gone(token)
         if handle.vmid is not None:
             vm = self.vms.get(handle.vmid)
             if vm is not None and vm.handle == token:
@@ -317,7 +294,7 @@ class PoolState:
             return None
         event = handle.events.append(data, now)
         self.changes += 1
-        self._observers.handle_event(token, event)
+        self.observers.handle_event(token, event)
         return event
 
     def _detach(self, vm: VM, reason: str, now: float) -> None:
