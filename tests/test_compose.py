@@ -14,7 +14,9 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
@@ -99,6 +101,20 @@ class ServiceTreeTests(SynchronousTestCase):
             d = root.stopService()
             threads["vmcloud-checkpoint"].run_all()
             self.successResultOf(d)
+
+    def test_a_port_held_by_another_process_ends_the_start_with_one_line(self) -> None:
+        reactor, root, _threads = self.build()
+
+        def refused(port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+
+        reactor.listenTCP = refused  # type: ignore[method-assign]
+        with capturedLogs() as logged, self.assertRaises(SystemExit) as stopped:
+            root.privilegedStartService()
+        self.assertEqual(stopped.exception.code, 1)
+        [line] = [e for e in logged if e.get("event") == "listen-failed"]
+        self.assertEqual((line["interface"], line["port"]), ("127.0.0.1", 16613))
+        self.assertIn("Address already in use", formatEvent(line))
 
     def test_start_order(self) -> None:
         _reactor, root, _threads = self.build()

@@ -23,7 +23,8 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ import attrs
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
@@ -100,6 +102,39 @@ def guest_broker_address(listen: str) -> str:
     return f"tcp:{host}:{parts[1]}"
 
 
+class ControllerRoot(SequentialMultiService):
+    """The tree's root: a port that cannot be bound ends the start with one line that says why.
+
+    Twisted would print ``CannotListenError``'s traceback; an operator who started a second daemon
+    on the same ``--api``/``--stomp`` port wants to read which port and what to do, and an exit
+    status that is not 0.
+    """
+
+    def privilegedStartService(self) -> None:  # noqa: N802 - Twisted's name
+        with _listen_refusal():
+            super().privilegedStartService()
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        with _listen_refusal():
+            super().startService()
+
+
+@contextmanager
+def _listen_refusal() -> Iterator[None]:
+    try:
+        yield
+    except CannotListenError as e:
+        log.critical(
+            "Cannot listen on {interface}:{port} ({reason}): another process holds it (a second daemon?);"
+            " stop it, or give this one another port (--api, --stomp, [api] listen, [broker] listen)",
+            interface=e.interface or "*",
+            port=e.port,
+            reason=str(e.socketError),
+            event="listen-failed",
+        )
+        raise SystemExit(1) from None
+
+
 @attrs.frozen
 class Room:
     """What every builder needs: where services go, the reactor, and the listeners' backlog."""
@@ -126,7 +161,7 @@ def build_controller(reactor: Any, deployment: Deployment, threads: ThreadsFacto
     state_dir.makedirs(ignoreExistingDirectory=True)
     controller_name = config.pool.controller_name or socket.gethostname()
     # every listener queues a whole pool's reconnects (a restarted broker), see listen_backlog
-    room = Room(SequentialMultiService(), reactor, listen_backlog(config.pool.max_pool_size))
+    room = Room(ControllerRoot(), reactor, listen_backlog(config.pool.max_pool_size))
     metrics = Metrics()  # /metrics: the rooms below tell it their durations, the broker is read
 
     cloud_threads = add_threads(room, make_threads("vmcloud-cloud", config.pool.cloud_threads))
