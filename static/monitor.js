@@ -399,6 +399,11 @@
     const badge = el("span", "badge s-" + row.state, row.state);
     td.replaceChildren(badge);
     if (row.recovering) td.appendChild(el("span", "tag", "recovering"));
+    if (row.outdated) {  // booted from another image than new VMs: retired as replacements come up
+      const old = el("span", "tag", "old");
+      old.title = "booted from " + row.image + "; new VMs boot from another image";
+      td.appendChild(old);
+    }
   }
 
   function button(label, action, key, title) {
@@ -422,7 +427,8 @@
       render: function (td, vm, entry) { thumbs.cell(td, vm, entry); } },
     { id: "vmid", label: "vmid", kind: "mono", value: function (vm) { return vm.vmid; } },
     { id: "state", label: "state", kind: "custom", value: function (vm) { return STATES.indexOf(vm.state); },
-      sig: function (vm) { return vm.state + (vm.recovering ? "+r" : ""); }, render: stateBadge },
+      sig: function (vm) { return vm.state + (vm.recovering ? "+r" : "") + (vm.outdated ? "+o" : ""); },
+      render: stateBadge },
     { id: "since", label: "state since", kind: "time", value: function (vm) { return vm.since || null; } },
     { id: "batch", label: "batch", kind: "mono", value: function (vm) { return vm.batch; } },
     { id: "handle", label: "handle", kind: "mono", value: function (vm) { return vm.handle; },
@@ -504,7 +510,7 @@
       if (!words.length) return true;
       const hay = (vm.vmid + " " + vm.state + " " + (vm.batch || "") + " " + (vm.handle || "") + " " + (vm.ip || "") +
         " " + (vm.mac || "") + " " + (vm.serverId || "") + " " + (vm.identity || "") + " " + (vm.reason || "") +
-        " " + text(vm.capabilities)).toLowerCase();
+        " " + text(vm.capabilities) + " " + (vm.image || "") + (vm.outdated ? " outdated" : "")).toLowerCase();
       for (let i = 0; i < words.length; i++) if (hay.indexOf(words[i]) < 0) return false;
       return true;
     };
@@ -685,8 +691,11 @@
       if (cloud.lastErrorAt) pairs.push(["last error at", cloud.lastErrorAt, "time"]);
       if (cloud.lastListingAt) pairs.push(["last listing", cloud.lastListingAt, "time"]);
       pairs.push(["strays", cloud.strays]);
+      if (cloud.image) pairs.push(["new VMs boot", cloud.image]);
+      if (cloud.outdatedVMs) pairs.push(["old-image VMs", cloud.outdatedVMs + " (being replaced)"]);
       const known = new Set(["driver", "backingOff", "backoffUntil", "quotaExceeded", "quotaRetryAt", "failures",
-        "quotaRefusals", "bootFailures", "bootBackoffUntil", "lastError", "lastErrorAt", "lastListingAt", "strays"]);
+        "quotaRefusals", "bootFailures", "bootBackoffUntil", "lastError", "lastErrorAt", "lastListingAt", "strays",
+        "image", "outdatedVMs"]);
       Object.keys(cloud).sort().forEach(function (k) { if (!known.has(k)) pairs.push([k, cloud[k]]); });
       keyValues($("cloud"), pairs);
     }
