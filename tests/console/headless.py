@@ -21,6 +21,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from guest_agent.cdp import CdpConnection, connect, read_devtools_port
+from tests.autobahn_timers import batched_timers_run_out
 from tests.console.support import wait_until
 
 CHROMIUM = next(
@@ -226,5 +227,5 @@ class WorkerBrowser:
         await self._process.ended
         if hasattr(self, "cdp"):
             self.cdp.close()
-        await deferLater(self.reactor, 0.3)  # autobahn's batched timers (0.2 s buckets) run out
+        await batched_timers_run_out(self.reactor)
         shutil.rmtree(self.profile, ignore_errors=True)

@@ -29,6 +29,7 @@ from twisted.web.static import Data
 
 from guest_agent.chromium import ChromiumBrowser
 from guest_agent.stack import BrowserStack, StackError, StackPrograms, find_stack
+from tests.autobahn_timers import batched_timers_run_out
 
 HOME_PAGE = b"<html><head><title>Repair home</title></head><body>home</body></html>"
 
@@ -56,25 +57,13 @@ def alive(pid: int) -> bool:
         return False
 
 
-async def _batched_timers_run_out() -> None:
-    """Wait for autobahn's batched timers of the CDP connections to fire (bounded).
-
-    A cancelled call leaves its bucket's reactor call pending (txaio buckets of 0.2 s): a test that
-    ends right after a connection was dropped (a hung browser's) would meet a dirty reactor.
-    """
-    for _ in range(50):
-        calls = reactor.getDelayedCalls()
-        if not any(getattr(c.func, "__name__", "") == "_notify_bucket" for c in calls):
-            return
-        await deferLater(reactor, 0.1)
-
-
 class RealChromiumRepairTests(TestCase):
     timeout = 90
 
     def setUp(self) -> None:
         self.programs = programs_or_skip()
-        self.addCleanup(_batched_timers_run_out)  # registered first: runs after every other cleanup
+        # registered first: runs after every other cleanup
+        self.addCleanup(batched_timers_run_out, reactor)
         root = Resource()
         root.putChild(b"", Data(HOME_PAGE, "text/html"))
         port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")  # type: ignore[arg-type]
